@@ -1,0 +1,1 @@
+"""registry_svc: owns adapters (upload, validation, blob store, metadata, embeddings, download)."""

@@ -1,0 +1,20 @@
+"""Process entry: ``python -m registry_svc``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from loraserve.logging import configure_logging
+from loraserve.server import run_until_signal
+from registry_svc.server import build_server
+from registry_svc.settings import RegistrySettings
+
+
+def main() -> None:
+    settings = RegistrySettings()
+    configure_logging(settings.common.log_level, settings.common.log_json)
+    asyncio.run(run_until_signal([build_server(settings)]))
+
+
+if __name__ == "__main__":
+    main()
