@@ -1,0 +1,19 @@
+"""Triton kernels for heterogeneous multi-LoRA batches, and their plain-torch references.
+
+Public API: :class:`LoraBatchMeta` and :func:`build_lora_meta` (once per step),
+:func:`add_lora` (per projection) and :func:`add_lora_ref` (the reference it is tested
+against); the two stages are :func:`lora_shrink` and :func:`lora_expand`.
+See docs/kernels.md.
+"""
+
+from kernels import _common  # noqa: F401  (sets TRITON_INTERPRET on machines without CUDA)
+from kernels.add_lora import add_lora
+from kernels.lora_expand import lora_expand
+from kernels.lora_shrink import lora_shrink
+from kernels.metadata import LoraBatchMeta, build_lora_meta
+from kernels.reference import add_lora_ref, lora_expand_ref, lora_shrink_ref
+
+__all__ = [
+    "LoraBatchMeta", "add_lora", "add_lora_ref", "build_lora_meta", "lora_expand",
+    "lora_expand_ref", "lora_shrink", "lora_shrink_ref",
+]

@@ -1,0 +1,65 @@
+"""Shared launcher helpers: interpreter detection, block sizes, slice grouping."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+# Without a GPU the kernels run in Triton's interpreter (numpy). Triton reads this variable
+# when a kernel is decorated, so it is set before any kernel module is imported; an explicit
+# TRITON_INTERPRET=0/1 from the environment always wins.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Slices handled by one launch (fused qkv = 3); more slices launch in groups of this size.
+SLICES_PER_LAUNCH = 3
+# Stacked rank columns per rank chunk (K adapters x RANK_CHUNK): 64 keeps the shrink's fp32
+# accumulator at BLOCK_M x 64 and covers rank 16 with K=4 in a single chunk.
+MAX_RANK_COLS = 64
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def rank_chunk(r_max: int, max_k: int) -> tuple[int, int]:
+    """(KP, RANK_CHUNK): K padded to a power of two and the rank columns per chunk (>= 16)."""
+    kp = next_pow2(max_k)
+    return kp, min(max(16, next_pow2(r_max)), max(16, MAX_RANK_COLS // kp))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products; fp16/bf16 use the tensor cores natively."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def slice_groups(n: int) -> list[tuple[int, int]]:
+    return [(g, min(n, g + SLICES_PER_LAUNCH)) for g in range(0, n, SLICES_PER_LAUNCH)]
+
+
+def pad3(items: Sequence, fill) -> list:
+    """Pad a group of <= 3 per-slice kernel arguments to exactly 3."""
+    return list(items) + [fill] * (SLICES_PER_LAUNCH - len(items))
+
+
+def check_operands(x: torch.Tensor, lora: Sequence[torch.Tensor], ranks: torch.Tensor,
+                   what: str) -> None:
+    if len(lora) == 0:
+        raise ValueError(f"{what}: at least one slice is needed")
+    if ranks.dim() != 2 or ranks.shape != (len(lora), lora[0].shape[0]):
+        raise ValueError(f"{what}: ranks must be [n_slices={len(lora)}, slots="
+                         f"{lora[0].shape[0]}], got {tuple(ranks.shape)}")
+    for w in lora:
+        if w.dtype != x.dtype or w.device != x.device or w.dim() != 3:
+            raise ValueError(f"{what}: every weight must be a 3-d {x.dtype} tensor on "
+                             f"{x.device}, got {w.dtype} {tuple(w.shape)} on {w.device}")
+        if w.stride(-1) != 1:
+            raise ValueError(f"{what}: weights must be contiguous in their last dimension")

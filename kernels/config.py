@@ -1,0 +1,69 @@
+"""Launch configurations of the LoRA kernels, tuned per GPU and stored as JSON.
+
+``kernels/configs/<GPU name with spaces as underscores>.json`` (e.g.
+``NVIDIA_H100_80GB_HBM3.json``, written by ``python -m kernels.tune``) holds, per op, a list
+of entries keyed by a token-count bucket (``max_tokens``) and a size (``dim``: ``in`` for the
+shrink, ``out`` for the expand). ``default.json`` serves GPUs without a file and the CPU
+interpreter. Lookup: the smallest bucket with ``max_tokens >= T`` (else the largest), then
+the entry whose ``dim`` is nearest in log scale.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def gpu_config_name(device: torch.device | str | None = None) -> str:
+    """File stem of a device's config: the CUDA device name with spaces as underscores."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return "default"
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index).replace(" ", "_")
+
+
+@functools.cache
+def load_config(name: str) -> dict:
+    """The parsed JSON for ``name`` (a GPU config stem), falling back to ``default.json``."""
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.exists():
+        path = CONFIG_DIR / "default.json"
+    return json.loads(path.read_text())
+
+
+def _pick(entries: list[dict], num_tokens: int, dim: int) -> dict:
+    buckets = sorted({e["max_tokens"] for e in entries})
+    bucket = next((b for b in buckets if b >= num_tokens), buckets[-1])
+    same = [e for e in entries if e["max_tokens"] == bucket]
+    return min(same, key=lambda e: abs(math.log(e.get("dim", dim) / dim)) if dim else 0.0)
+
+
+@functools.cache
+def _lookup(name: str, op: str, num_tokens: int, dim: int) -> dict:
+    entry = _pick(load_config(name)[op], num_tokens, dim)
+    return {k: v for k, v in entry.items() if k not in ("max_tokens", "dim")}
+
+
+def kernel_config(op: str, num_tokens: int, dim: int, device: torch.device | str) -> dict:
+    """Launch parameters of ``op`` ("shrink" or "expand") for T tokens and size ``dim``."""
+    return _lookup(gpu_config_name(device), op, num_tokens, dim)
+
+
+def block_m_for(num_tokens: int, device: torch.device | str) -> int:
+    """Tokens per tile (the metadata's block_m) for a step of ``num_tokens`` tokens."""
+    table = load_config(gpu_config_name(device))["block_m"]
+    for max_tokens, bm in table:
+        if num_tokens <= max_tokens:
+            return int(bm)
+    return int(table[-1][1])

@@ -1,0 +1,159 @@
+"""LoRA expand: y += w * scale * h @ B.T for every (token, adapter) pair, several slices.
+
+One program per (tile, BLOCK_N columns, slice). The program sums the shrink's split-K
+partials, applies each token's mixture weight and each adapter's scale, rounds to the
+weights' dtype (as PEFT does between lora_A and lora_B) and multiplies by the *stacked* B
+columns of the tile's plan on the tensor cores, so the K adapters of a token are one dot and y
+is read and written once per token, with no atomics. Slices (fused qkv, gate/up) are a grid
+axis: slice s writes y[:, off_s : off_s + out_s].
+
+Based on: Punica (Chen et al. 2023) SGMV/BGMV expand, S-LoRA (Sheng et al. 2023), vLLM punica
+ops. Ideas only; the code is ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import (
+    INTERPRET, check_operands, dot_precision, next_pow2, pad3, rank_chunk, slice_groups,
+)
+from kernels.config import kernel_config
+from kernels.metadata import LoraBatchMeta
+
+
+@triton.jit
+def _lora_expand_kernel(
+    y_ptr, h_ptr, b0_ptr, b1_ptr, b2_ptr, ranks_ptr, scales_ptr,
+    sorted_tokens_ptr, sorted_weights_ptr, tile_start_ptr, tile_len_ptr, tile_slots_ptr,
+    out0, out1, out2, off0, off1, off2, sbs0, sbs1, sbs2,
+    num_slots, stride_yt, stride_bn, stride_hsp, stride_hs, stride_ht,
+    MAX_K: tl.constexpr, KP: tl.constexpr, RANK_CHUNK: tl.constexpr, R_MAX: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    N_SLICES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    n0 = tl.program_id(1) * BLOCK_N
+    s = tl.program_id(2)
+    b_ptr, out_s, col_off, stride_bs = b0_ptr, out0, off0, sbs0
+    if N_SLICES > 1:
+        if s == 1:
+            b_ptr, out_s, col_off, stride_bs = b1_ptr, out1, off1, sbs1
+    if N_SLICES > 2:
+        if s == 2:
+            b_ptr, out_s, col_off, stride_bs = b2_ptr, out2, off2, sbs2
+
+    offs_j = tl.arange(0, KP * RANK_CHUNK)
+    kj = offs_j // RANK_CHUNK
+    rj = offs_j % RANK_CHUNK
+    slot_j = tl.load(tile_slots_ptr + tile * MAX_K + kj, mask=kj < MAX_K, other=-1)
+    rank_j = tl.load(ranks_ptr + s * num_slots + slot_j, mask=slot_j >= 0, other=0)
+    rank_j = tl.minimum(rank_j, R_MAX)
+    max_rank = tl.max(rank_j, axis=0)
+
+    if (max_rank > 0) & (n0 < out_s):
+        n_rows = tl.load(tile_len_ptr + tile)
+        row0 = tl.load(tile_start_ptr + tile)
+        offs_m = tl.arange(0, BLOCK_M)
+        row_ok = offs_m < n_rows
+        tok = tl.load(sorted_tokens_ptr + row0 + offs_m, mask=row_ok, other=0).to(tl.int64)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < out_s
+        # coef[m, j] = weight of token m for adapter kj * scale of that adapter
+        w = tl.load(sorted_weights_ptr + (row0 + offs_m)[:, None] * MAX_K + kj[None, :],
+                    mask=row_ok[:, None] & (kj < MAX_K)[None, :], other=0.0)
+        sc = tl.load(scales_ptr + s * num_slots + slot_j, mask=slot_j >= 0, other=0.0)
+        coef = w * sc[None, :]
+        h_rows = h_ptr + s * stride_hs + tok[:, None] * stride_ht + kj[None, :] * R_MAX
+        b_cols = b_ptr + tl.maximum(slot_j, 0).to(tl.int64)[:, None] * stride_bs \
+            + offs_n[None, :] * stride_bn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, max_rank, RANK_CHUNK):
+            r = r0 + rj
+            col_ok = r < rank_j
+            hm = row_ok[:, None] & col_ok[None, :]
+            hs = tl.zeros([BLOCK_M, KP * RANK_CHUNK], dtype=tl.float32)
+            for sp in tl.static_range(NUM_SPLITS):
+                hs += tl.load(h_rows + sp * stride_hsp + r[None, :], mask=hm, other=0.0)
+            hs = hs * coef
+            bt = tl.load(b_cols + r[:, None], mask=col_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:  # the interpreter mishandles bf16 arithmetic
+                acc += tl.dot(hs, bt.to(tl.float32), input_precision=DOT_PRECISION)
+            else:
+                acc += tl.dot(hs.to(bt.dtype), bt, input_precision=DOT_PRECISION)
+        y_tile = y_ptr + tok[:, None] * stride_yt + (col_off + offs_n)[None, :]
+        y_mask = row_ok[:, None] & n_ok[None, :]
+        y_old = tl.load(y_tile, mask=y_mask, other=0.0).to(tl.float32)
+        tl.store(y_tile, (y_old + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def lora_expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    lora_b: Sequence[torch.Tensor],
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: LoraBatchMeta,
+    *,
+    config: dict | None = None,
+) -> None:
+    """Up-project, weight, scale and add into y, in place, for every slice.
+
+    Semantics:
+        for s in range(n_slices):
+            for t in range(num_tokens):
+                for k in range(max_k):
+                    slot = token_slots[t, k]
+                    if slot >= 0:
+                        r = ranks[s, slot]
+                        y[t, off_s:off_s + out_s] += (token_weights[t, k] * scales[s, slot]
+                                                      * h.sum(0)[s, t, k, :r] @ B[s][slot, :, :r].T)
+
+    Args:
+        y: [T, sum(out_s)] fp32/fp16/bf16, last dimension contiguous; updated in place.
+        h: [num_splits, n_slices, T, max_k, r_max] float32, from :func:`lora_shrink`.
+        lora_b: one [slots, out_s, r_max] tensor per slice, y's dtype, same slots and r_max,
+            contiguous along r.
+        ranks: [n_slices, slots] int32 (must be <= r_max).
+        scales: [n_slices, slots] float32.
+        meta: the step's :class:`LoraBatchMeta`.
+        config: launch parameters overriding the tuned ones (BLOCK_N, num_warps, num_stages).
+    """
+    check_operands(y, lora_b, ranks, "lora_expand")
+    n_slices, slots, r_max = len(lora_b), lora_b[0].shape[0], lora_b[0].shape[2]
+    outs = [b.shape[1] for b in lora_b]
+    if y.dim() != 2 or y.shape[1] != sum(outs) or y.stride(1) != 1:
+        raise ValueError(f"lora_expand: y must be [T, {sum(outs)}] with contiguous rows")
+    if any(b.shape[0] != slots or b.shape[2] != r_max or b.stride(1) != lora_b[0].stride(1)
+           for b in lora_b):
+        raise ValueError("lora_expand: B slices must share slots, r_max and the n stride")
+    if h.shape[1:] != (n_slices, y.shape[0], meta.max_k, r_max) or not h.is_contiguous():
+        raise ValueError(f"lora_expand: h has shape {tuple(h.shape)}, expected "
+                         f"[splits, {n_slices}, {y.shape[0]}, {meta.max_k}, {r_max}]")
+    if scales.shape != ranks.shape or not scales.is_contiguous():
+        raise ValueError("lora_expand: scales must be a contiguous [n_slices, slots] tensor")
+    if meta.num_active == 0 or meta.grid_tiles == 0:
+        return
+    cfg = config or kernel_config("expand", y.shape[0], max(outs), y.device)
+    block_n = min(cfg["BLOCK_N"], max(16, next_pow2(max(outs))))
+    kp, chunk = rank_chunk(r_max, meta.max_k)
+    offs = [sum(outs[:i]) for i in range(n_slices)]
+    for g0, g1 in slice_groups(n_slices):
+        b = pad3(lora_b[g0:g1], lora_b[g0])
+        o, f = pad3(outs[g0:g1], 0), pad3(offs[g0:g1], 0)
+        sbs = pad3([x.stride(0) for x in lora_b[g0:g1]], 0)
+        grid = (meta.grid_tiles, triton.cdiv(max(outs[g0:g1]), block_n), g1 - g0)
+        _lora_expand_kernel[grid](
+            y, h[:, g0:], b[0], b[1], b[2], ranks[g0:], scales[g0:],
+            meta.sorted_tokens, meta.sorted_weights, meta.tile_start, meta.tile_len,
+            meta.tile_slots, *o, *f, *sbs,
+            slots, y.stride(0), lora_b[0].stride(1), h.stride(0), h.stride(1), h.stride(2),
+            MAX_K=meta.max_k, KP=kp, RANK_CHUNK=chunk, R_MAX=r_max, NUM_SPLITS=h.shape[0],
+            BLOCK_M=meta.block_m, BLOCK_N=block_n, N_SLICES=g1 - g0, UPCAST=INTERPRET,
+            DOT_PRECISION=dot_precision(y.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )

@@ -1,0 +1,159 @@
+"""LoRA shrink: h = x @ A.T for every (token, adapter) pair of a heterogeneous batch.
+
+One program per (tile, K split, slice). A tile is a run of tokens sharing one plan (see
+:mod:`kernels.metadata`), so the program gathers the tile's x rows once per K block and
+multiplies them on the tensor cores by the *stacked* A rows of all the plan's adapters
+(columns ``k * RANK_CHUNK + r``): K adapters per token cost one pass over x. Rank chunks run up
+to the largest rank of the plan, so rows above an adapter's rank are never loaded, and slots
+of a lower rank than ``r_max`` cost no padded chunks. The K dimension is split across programs
+(split-K, as in Punica's BGMV shrink) so that decode batches of a few tokens still spread
+over the whole GPU; the partial sums are added by the expand, not with atomics, which keeps
+the result deterministic and needs no zeroed buffer.
+
+Based on: Punica (Chen et al. 2023) SGMV/BGMV, S-LoRA (Sheng et al. 2023), vLLM punica ops.
+Ideas only; the code is ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import (
+    INTERPRET, cdiv, check_operands, dot_precision, next_pow2, pad3, rank_chunk, slice_groups,
+)
+from kernels.config import kernel_config
+from kernels.metadata import LoraBatchMeta
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, h_ptr, a0_ptr, a1_ptr, a2_ptr, ranks_ptr,
+    sorted_tokens_ptr, tile_start_ptr, tile_len_ptr, tile_slots_ptr,
+    in_features, k_per_split, num_slots,
+    stride_xt, stride_as, stride_ar,
+    stride_hsp, stride_hs, stride_ht,
+    MAX_K: tl.constexpr, KP: tl.constexpr, RANK_CHUNK: tl.constexpr, R_MAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, N_SLICES: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    s = tl.program_id(2)
+    a_ptr = a0_ptr
+    if N_SLICES > 1:
+        if s == 1:
+            a_ptr = a1_ptr
+    if N_SLICES > 2:
+        if s == 2:
+            a_ptr = a2_ptr
+
+    # The tile's plan, stacked as columns j -> (adapter kj, rank row r0 + rj).
+    offs_j = tl.arange(0, KP * RANK_CHUNK)
+    kj = offs_j // RANK_CHUNK
+    rj = offs_j % RANK_CHUNK
+    slot_j = tl.load(tile_slots_ptr + tile * MAX_K + kj, mask=kj < MAX_K, other=-1)
+    rank_j = tl.load(ranks_ptr + s * num_slots + slot_j, mask=slot_j >= 0, other=0)
+    rank_j = tl.minimum(rank_j, R_MAX)
+    max_rank = tl.max(rank_j, axis=0)  # 0 for padding tiles: nothing runs
+
+    n_rows = tl.load(tile_len_ptr + tile)
+    row0 = tl.load(tile_start_ptr + tile)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n_rows
+    tok = tl.load(sorted_tokens_ptr + row0 + offs_m, mask=row_ok, other=0).to(tl.int64)
+    x_rows = x_ptr + tok[:, None] * stride_xt
+    a_rows = a_ptr + tl.maximum(slot_j, 0).to(tl.int64) * stride_as
+    k_lo = split * k_per_split
+    offs_k = tl.arange(0, BLOCK_K)
+    h_base = h_ptr + split * stride_hsp + s * stride_hs + tok[:, None] * stride_ht
+
+    for r0 in range(0, max_rank, RANK_CHUNK):
+        r = r0 + rj
+        col_ok = r < rank_j
+        a_cols = a_rows[None, :] + r[None, :] * stride_ar
+        acc = tl.zeros([BLOCK_M, KP * RANK_CHUNK], dtype=tl.float32)
+        for kk in range(0, k_per_split, BLOCK_K):
+            k = k_lo + kk + offs_k
+            if EVEN_K:
+                xt = tl.load(x_rows + k[None, :], mask=row_ok[:, None], other=0.0)
+                at = tl.load(a_cols + k[:, None], mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = k < in_features
+                xt = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                at = tl.load(a_cols + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            if UPCAST:  # the interpreter mishandles bf16 arithmetic
+                xt = xt.to(tl.float32)
+                at = at.to(tl.float32)
+            acc += tl.dot(xt, at, input_precision=DOT_PRECISION)
+        h_mask = row_ok[:, None] & ((kj < MAX_K) & (r < R_MAX))[None, :]
+        tl.store(h_base + kj[None, :] * R_MAX + r[None, :], acc, mask=h_mask)
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    ranks: torch.Tensor,
+    meta: LoraBatchMeta,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Down-project every (token, adapter) pair; returns split-K partial sums.
+
+    Semantics:
+        for s in range(n_slices):
+            for t in range(num_tokens):
+                for k in range(max_k):
+                    slot = token_slots[t, k]
+                    if slot >= 0:
+                        r = ranks[s, slot]
+                        h.sum(0)[s, t, k, :r] = x[t] @ A[s][slot, :r].T
+
+    Args:
+        x: [T, in] fp32/fp16/bf16, last dimension contiguous.
+        lora_a: one [slots, r_max, in] tensor per slice; all of the same shape, x's dtype.
+        ranks: [n_slices, slots] int32 (0 = empty slot; must be <= r_max).
+        meta: the step's :class:`LoraBatchMeta` (on x's device).
+        config: launch parameters overriding the tuned ones (BLOCK_K, SPLIT_K, num_warps,
+            num_stages).
+
+    Returns:
+        [num_splits, n_slices, T, max_k, r_max] float32 partial sums over ``in``; entries of
+        base-only tokens, empty (token, k) pairs and rows r >= rank are unspecified.
+    """
+    check_operands(x, lora_a, ranks, "lora_shrink")
+    n_slices, (slots, r_max, in_features) = len(lora_a), lora_a[0].shape
+    t = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != in_features or x.stride(1) != 1:
+        raise ValueError(f"lora_shrink: x must be [T, {in_features}] with contiguous rows")
+    if any(a.shape != lora_a[0].shape or a.stride() != lora_a[0].stride() for a in lora_a):
+        raise ValueError("lora_shrink: all A slices must share shape and strides")
+    cfg = config or kernel_config("shrink", t, in_features, x.device)
+    block_k = min(cfg["BLOCK_K"], max(16, next_pow2(in_features)))
+    k_per_split = cdiv(cdiv(in_features, cfg["SPLIT_K"]), block_k) * block_k
+    num_splits = cdiv(in_features, k_per_split)
+    h = torch.empty(num_splits, n_slices, t, meta.max_k, r_max, dtype=torch.float32,
+                    device=x.device)
+    if meta.num_active == 0 or meta.grid_tiles == 0:
+        return h
+    kp, chunk = rank_chunk(r_max, meta.max_k)
+    a0 = lora_a[0]
+    for g0, g1 in slice_groups(n_slices):
+        a = pad3(lora_a[g0:g1], a0)
+        grid = (meta.grid_tiles, num_splits, g1 - g0)
+        _lora_shrink_kernel[grid](
+            x, h[:, g0:], a[0], a[1], a[2], ranks[g0:],
+            meta.sorted_tokens, meta.tile_start, meta.tile_len, meta.tile_slots,
+            in_features, k_per_split, slots,
+            x.stride(0), a0.stride(0), a0.stride(1),
+            h.stride(0), h.stride(1), h.stride(2),
+            MAX_K=meta.max_k, KP=kp, RANK_CHUNK=chunk, R_MAX=r_max,
+            BLOCK_M=meta.block_m, BLOCK_K=block_k, N_SLICES=g1 - g0,
+            EVEN_K=in_features % k_per_split == 0, UPCAST=INTERPRET,
+            DOT_PRECISION=dot_precision(x.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return h
