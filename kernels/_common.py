@@ -50,6 +50,13 @@ def pad3(items: Sequence, fill) -> list:
     return list(items) + [fill] * (SLICES_PER_LAUNCH - len(items))
 
 
+def check_meta(meta, device: torch.device, what: str) -> None:
+    if meta.block_m < 16:
+        raise ValueError(f"{what}: meta.block_m={meta.block_m}; the kernels need >= 16")
+    if meta.sorted_tokens.device != device:
+        raise ValueError(f"{what}: meta is on {meta.sorted_tokens.device}, tensors on {device}")
+
+
 def check_operands(x: torch.Tensor, lora: Sequence[torch.Tensor], ranks: torch.Tensor,
                    what: str) -> None:
     if len(lora) == 0:

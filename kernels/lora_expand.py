@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import (
-    INTERPRET, check_operands, dot_precision, next_pow2, pad3, rank_chunk, slice_groups,
+    INTERPRET, check_meta, check_operands, dot_precision, next_pow2, pad3, rank_chunk, slice_groups,
 )
 from kernels.config import kernel_config
 from kernels.metadata import LoraBatchMeta
@@ -123,6 +123,7 @@ def lora_expand(
         meta: the step's :class:`LoraBatchMeta`.
         config: launch parameters overriding the tuned ones (BLOCK_N, num_warps, num_stages).
     """
+    check_meta(meta, y.device, "lora_expand")
     check_operands(y, lora_b, ranks, "lora_expand")
     n_slices, slots, r_max = len(lora_b), lora_b[0].shape[0], lora_b[0].shape[2]
     outs = [b.shape[1] for b in lora_b]

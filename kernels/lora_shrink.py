@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import (
-    INTERPRET, cdiv, check_operands, dot_precision, next_pow2, pad3, rank_chunk, slice_groups,
+    INTERPRET, cdiv, check_meta, check_operands, dot_precision, next_pow2, pad3, rank_chunk, slice_groups,
 )
 from kernels.config import kernel_config
 from kernels.metadata import LoraBatchMeta
@@ -124,6 +124,7 @@ def lora_shrink(
         [num_splits, n_slices, T, max_k, r_max] float32 partial sums over ``in``; entries of
         base-only tokens, empty (token, k) pairs and rows r >= rank are unspecified.
     """
+    check_meta(meta, x.device, "lora_shrink")
     check_operands(x, lora_a, ranks, "lora_shrink")
     n_slices, (slots, r_max, in_features) = len(lora_a), lora_a[0].shape
     t = x.shape[0]

@@ -122,7 +122,8 @@ def build_lora_meta(
         num_slots: slots of the adapter buffers (every slot must be < num_slots).
         device: where the buffers go; default: token_slots' device if CUDA, else CUDA if
             available, else CPU.
-        block_m: most tokens per tile; default from the GPU's tuned config (by T).
+        block_m: most tokens per tile, a power of two (>= 16 for the kernels, which feed
+            tiles to the tensor cores); default from the GPU's tuned config (by T).
         pad_tiles_to: launch this many programs along the tile axis (extra tiles are empty), so
             that a CUDA graph captured with this meta can be replayed with another meta of the
             same T, K and pad; must be >= the tiles needed (T is always enough).
@@ -144,8 +145,8 @@ def build_lora_meta(
         from kernels.config import block_m_for
 
         block_m = block_m_for(t, device)
-    if block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"block_m={block_m} must be a power of two >= 16 (tensor-core tiles)")
+    if block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"block_m={block_m} must be a power of two (the kernels need >= 16)")
 
     slots, weights = _normalize(slots, weights)
     active = slots[:, 0] >= 0

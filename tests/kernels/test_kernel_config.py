@@ -1,0 +1,46 @@
+"""Launch-config files: schema of every JSON in kernels/configs, lookup rules, fallback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kernels.config import CONFIG_DIR, _pick, block_m_for, kernel_config, load_config
+
+FILES = sorted(CONFIG_DIR.glob("*.json"))
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_config_file_schema(path) -> None:
+    cfg = json.loads(path.read_text())
+    assert all(_pow2(bm) and bm >= 16 for _, bm in cfg["block_m"])
+    for e in cfg["shrink"]:
+        assert _pow2(e["BLOCK_K"]) and e["BLOCK_K"] >= 16 and e["SPLIT_K"] >= 1
+        assert _pow2(e["num_warps"]) and e["num_stages"] >= 1 and e["max_tokens"] >= 1
+    for e in cfg["expand"]:
+        assert _pow2(e["BLOCK_N"]) and e["BLOCK_N"] >= 16
+        assert _pow2(e["num_warps"]) and e["num_stages"] >= 1 and e["max_tokens"] >= 1
+
+
+def test_lookup_takes_smallest_bucket_then_nearest_dim() -> None:
+    entries = [
+        {"max_tokens": 16, "dim": 4096, "v": 1}, {"max_tokens": 16, "dim": 11008, "v": 2},
+        {"max_tokens": 256, "dim": 4096, "v": 3},
+    ]
+    assert _pick(entries, 1, 4096)["v"] == 1
+    assert _pick(entries, 16, 14336)["v"] == 2
+    assert _pick(entries, 17, 11008)["v"] == 3
+    assert _pick(entries, 10_000, 4096)["v"] == 3  # past the last bucket: the largest
+
+
+def test_cpu_and_unknown_gpus_use_the_default_file() -> None:
+    assert load_config("No_Such_GPU") == load_config("default")
+    cfg = kernel_config("shrink", 7, 4096, "cpu")
+    assert {"BLOCK_K", "SPLIT_K", "num_warps", "num_stages"} <= cfg.keys()
+    assert "max_tokens" not in cfg
+    assert block_m_for(1, "cpu") == 16
