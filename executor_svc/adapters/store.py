@@ -1,0 +1,96 @@
+"""From a key to host tensors: resolve versions, fetch files, parse, fuse; cached and shared.
+
+``AdapterStore.weights(key)`` is what the slot manager calls to get an adapter's host-side
+``AdapterWeights`` before copying them into a slot:
+
+    host cache hit  -> cached tensors
+    AdapterKey      -> source.fetch (disk cache / download) -> load_fn (safetensors -> tensors,
+                       in a worker thread: parsing must not stall the event loop) -> host cache
+    FusionKey       -> weights of every component (same path) -> fusion.fuse -> host cache
+
+Concurrent calls for the same key share one in-flight task, so 50 requests arriving together
+for a cold adapter cause one download and one parse. Failures are not cached: the next call
+tries again.
+
+``resolve(adapter_id, version)`` turns version 0 ("latest READY") into a number. Concrete
+versions are immutable and cached for good; "latest" answers are cached for
+``latest_ttl_s`` so a hot adapter does not cost a registry round trip per request, while a newly
+READY version is picked up within that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from executor_svc.adapters.fusion import fuse
+from executor_svc.adapters.host_cache import HostCache
+from executor_svc.adapters.refs import AdapterKey, AdapterSource, FusionKey, Key, ResolvedAdapter
+from executor_svc.engine.types import AdapterWeights
+
+LoadFn = Callable[[Path], AdapterWeights]
+
+
+class AdapterStore:
+    def __init__(
+        self,
+        source: AdapterSource,
+        host_cache: HostCache,
+        load_fn: LoadFn,
+        *,
+        max_rank: int,
+        latest_ttl_s: float = 5.0,
+    ):
+        self.source = source
+        self.host_cache = host_cache
+        self._load_fn = load_fn
+        self._max_rank = max_rank
+        self._latest_ttl_s = latest_ttl_s
+        self._resolved: dict[AdapterKey, ResolvedAdapter] = {}
+        self._latest: dict[str, tuple[float, ResolvedAdapter]] = {}
+        self._inflight: dict[Key, asyncio.Future[AdapterWeights]] = {}
+
+    async def resolve(self, adapter_id: str, version: int) -> ResolvedAdapter:
+        if version:
+            hit = self._resolved.get(AdapterKey(adapter_id, version))
+        else:
+            cached = self._latest.get(adapter_id)
+            hit = (
+                cached[1] if cached and time.monotonic() - cached[0] < self._latest_ttl_s else None
+            )
+        if hit is not None:
+            return hit
+        resolved = await self.source.resolve(adapter_id, version)
+        self._resolved[resolved.key] = resolved
+        if not version:
+            self._latest[adapter_id] = (time.monotonic(), resolved)
+        return resolved
+
+    async def weights(self, key: Key) -> AdapterWeights:
+        cached = self.host_cache.get(key)
+        if cached is not None:
+            return cached
+        future = self._inflight.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._build(key))
+            self._inflight[key] = future
+            future.add_done_callback(lambda f, k=key: self._done(k, f))
+        # shield: one caller giving up (cancel, deadline) must not abort the shared build.
+        return await asyncio.shield(future)
+
+    def _done(self, key: Key, future: asyncio.Future[AdapterWeights]) -> None:
+        self._inflight.pop(key, None)
+        if not future.cancelled():
+            future.exception()  # retrieved here: every waiter may have gone (cancelled)
+
+    async def _build(self, key: Key) -> AdapterWeights:
+        if isinstance(key, FusionKey):
+            parts = [(await self.weights(k), w) for k, w in key.components]
+            built = await asyncio.to_thread(fuse, parts, max_rank=self._max_rank)
+        else:
+            resolved = self._resolved.get(key) or await self.resolve(key.adapter_id, key.version)
+            path = await self.source.fetch(resolved)
+            built = await asyncio.to_thread(self._load_fn, path)
+        return self.host_cache.put(key, built)
