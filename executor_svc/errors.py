@@ -8,12 +8,15 @@ shared interceptor turns it into the gRPC status with ``google.rpc`` details:
 - queue full / no free slot     -> RESOURCE_EXHAUSTED + RetryInfo (``queue_full``, ``slots_busy``)
 - registry unreachable, corrupt -> UNAVAILABLE (``fetch_failed``); the caller may retry
 - deadline passed while waiting -> DEADLINE_EXCEEDED
+- adapter does not fit the model -> FAILED_PRECONDITION (``adapter_incompatible``)
+- model still loading            -> UNAVAILABLE (``warming_up``)
 """
 
 from __future__ import annotations
 
 from loraserve.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -56,3 +59,15 @@ def fetch_failed(adapter: str, why: str) -> Unavailable:
 
 def deadline_exceeded(stage: str) -> DeadlineExceeded:
     return DeadlineExceeded(f"deadline exceeded while {stage}")
+
+
+def adapter_incompatible(adapter: str, why: str) -> FailedPrecondition:
+    """The adapter's files parse but do not fit this executor's model (shape, rank, modules)."""
+    return FailedPrecondition(
+        f"adapter {adapter} cannot be served by this executor: {why}",
+        reason="ADAPTER_INCOMPATIBLE",
+    )
+
+
+def warming_up(why: str) -> Unavailable:
+    return Unavailable(f"executor not ready: {why}", reason="NOT_READY")

@@ -1,6 +1,14 @@
-"""Executor settings: ``LORASERVE_EXECUTOR_*`` plus the shared ``LORASERVE_*`` ones."""
+"""Executor settings: ``LORASERVE_EXECUTOR_*`` plus the shared ``LORASERVE_*`` ones.
+
+Every knob of the serving layer lives here (no ``os.environ`` reads elsewhere). Zero values
+mean "derive": ``num_lora_slots=0`` sizes the slot pool from ``adapter_memory_bytes`` and the
+model's bytes per slot; ``model_dir=""`` builds the tiny random Llama under
+``data_dir/models/tiny-llama`` on first start (the CPU default of ``loraserve up``).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,3 +22,42 @@ class ExecutorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = DEFAULT_EXECUTOR_PORT
     common: CommonSettings = Field(default_factory=CommonSettings)
+    replica_id: str = Field("", description="Name in GetStats; empty = executor-<host>:<port>.")
+
+    # Model and engine.
+    model_dir: str = Field("", description="transformers checkpoint; empty = tiny random Llama.")
+    device: str = Field("auto", description='"auto" (cuda when available), "cuda", "cpu".')
+    dtype: str = Field("auto", description='"auto" (bf16 on cuda, fp32 on cpu) or a torch dtype.')
+    max_model_len: int = Field(2048, description="Prompt + generated tokens per request.")
+    max_num_seqs: int = Field(64, description="Requests decoded together in one batch.")
+    kv_memory_bytes: int = Field(0, description="KV cache size; 0 = engine default.")
+
+    # Adapters.
+    num_lora_slots: int = Field(8, description="GPU adapter slots; 0 = adapter_memory_bytes.")
+    adapter_memory_bytes: int = Field(0, description="GPU bytes for slots when num_lora_slots=0.")
+    max_lora_rank: int = 64
+    host_cache_bytes: int = Field(2 << 30, description="Host LRU of parsed adapters.")
+    adapter_dir: str = Field("", description="Local PEFT dirs <dir>/<id>[/<version>], tried first.")
+    use_registry: bool = Field(True, description="Fetch unknown adapters from the registry.")
+    slot_wait_s: float = Field(10.0, description="Longest wait for a free slot before 429.")
+    latest_version_ttl_s: float = Field(5.0, description="Cache of version 0 -> latest READY.")
+
+    # Admission and request limits.
+    max_queue: int = Field(1024, description="Requests waiting (for slots or a batch seat).")
+    default_max_tokens: int = 128
+    max_tokens: int = Field(4096, description="Cap on SamplingParams.max_tokens.")
+    max_stop_strings: int = 8
+    max_stop_length: int = 128
+    warmup_wait_s: float = Field(120.0, description="How long a request waits for warm-up.")
+
+    @property
+    def resolved_replica_id(self) -> str:
+        return self.replica_id or f"executor-{self.host}:{self.port}"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.common.data_dir / "executor-cache"
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return self.common.data_dir / "models" / "tiny-llama"

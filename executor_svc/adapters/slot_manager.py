@@ -40,7 +40,7 @@ from executor_svc.adapters.host_cache import weights_nbytes
 from executor_svc.adapters.refs import Key
 from executor_svc.adapters.store import AdapterStore
 from executor_svc.engine.types import AdapterWeights
-from executor_svc.errors import invalid, slots_busy
+from executor_svc.errors import adapter_incompatible, invalid, slots_busy
 from loraserve.errors import FieldViolation
 
 
@@ -198,7 +198,10 @@ class SlotManager:
             weights = await self.store.weights(key)
             # Inline on the event loop: a slot copy is one host->device transfer per module
             # (pinned source on CUDA), and no running request reads this slot yet.
-            self.model.set_lora(slot.index, weights)
+            try:
+                self.model.set_lora(slot.index, weights)
+            except (ValueError, IndexError) as exc:  # shapes/rank do not fit the model
+                raise adapter_incompatible(str(key), str(exc)) from exc
             slot.nbytes = weights_nbytes(weights)
             slot.ready.set_result(None)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter via the future

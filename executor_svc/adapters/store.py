@@ -29,6 +29,7 @@ from executor_svc.adapters.fusion import fuse
 from executor_svc.adapters.host_cache import HostCache
 from executor_svc.adapters.refs import AdapterKey, AdapterSource, FusionKey, Key, ResolvedAdapter
 from executor_svc.engine.types import AdapterWeights
+from executor_svc.errors import adapter_incompatible
 
 LoadFn = Callable[[Path], AdapterWeights]
 
@@ -92,5 +93,8 @@ class AdapterStore:
         else:
             resolved = self._resolved.get(key) or await self.resolve(key.adapter_id, key.version)
             path = await self.source.fetch(resolved)
-            built = await asyncio.to_thread(self._load_fn, path)
+            try:
+                built = await asyncio.to_thread(self._load_fn, path)
+            except (ValueError, KeyError, OSError) as exc:  # malformed or unsupported adapter
+                raise adapter_incompatible(str(key), str(exc)) from exc
         return self.host_cache.put(key, built)
