@@ -9,6 +9,9 @@ duplicating.
 The alias ``adapters_active`` names the collection in use (``active_collection``); a retrained
 embedding model re-embeds the pool into a new collection and is switched in atomically by
 moving the alias (``set_active_collection``). The collection's name encodes the model id.
+A collection made by a retrained model carries that model's directory in its metadata
+(``META_MODEL_PATH``): whoever embeds into or queries the active collection must use the model
+``collection_model`` names (None = the default model, ``common.embedding_model`` or bundled).
 
 Local mode (``QdrantClient(path=...)``) allows one process per path; ``open_qdrant`` keeps one
 client per path per process so every component of a process shares it.
@@ -42,6 +45,10 @@ P_KIND = "kind"
 P_SAMPLE_INDEX = "sample_index"
 
 STATUS_READY = "READY"
+
+# Collection metadata keys (set by TrainRetriever on the collections it creates).
+META_MODEL_ID = "embedding_model_id"
+META_MODEL_PATH = "embedding_model_path"
 
 INDEXED_FIELDS: dict[str, models.PayloadSchemaType] = {
     P_BASE_MODEL: models.PayloadSchemaType.KEYWORD,
@@ -83,6 +90,12 @@ def active_collection(client: QdrantClient) -> str | None:
         if alias.alias_name == ACTIVE_ALIAS:
             return alias.collection_name
     return None
+
+
+def collection_model(client: QdrantClient, name: str) -> tuple[str | None, str | None]:
+    """``(model_id, model_dir)`` recorded on a collection; ``(None, None)`` = the default model."""
+    meta = client.get_collection(name).config.metadata or {}
+    return meta.get(META_MODEL_ID), meta.get(META_MODEL_PATH)
 
 
 def set_active_collection(client: QdrantClient, name: str) -> None:
