@@ -1,0 +1,19 @@
+"""The engine core: continuous batching over a paged KV cache with multi-LoRA batches.
+
+``engine.py`` (async API) -> ``scheduler.py`` (what runs each step) -> ``block_manager.py``
+(KV blocks) -> ``model_runner.py`` (inputs, CUDA graphs, forward) -> ``sampler.py``;
+``detokenizer.py`` streams text; ``types.py`` is the interface to the serving layer.
+"""
+
+from executor_svc.engine.engine import Engine, running_engine
+from executor_svc.engine.types import (
+    AdapterWeights,
+    EngineRequest,
+    EngineStats,
+    LoraModuleWeights,
+    SamplingOptions,
+    TokenEvent,
+)
+
+__all__ = ["AdapterWeights", "Engine", "EngineRequest", "EngineStats", "LoraModuleWeights",
+           "SamplingOptions", "TokenEvent", "running_engine"]

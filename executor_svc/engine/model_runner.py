@@ -1,0 +1,196 @@
+"""Runs one scheduled step on the device: builds the inputs, runs the model, samples.
+
+Pure-decode steps on CUDA replay a captured CUDA graph (one per padded batch size and LoRA
+mode: none / 1 adapter per token / up to 4): their inputs are copied into static buffers,
+padding rows write to the scratch KV block 0 and carry no adapter, so nothing is allocated
+on the device per step. Steps with prefill chunks run eagerly (attention per chunk).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from executor_svc.engine.block_manager import SCRATCH_BLOCK
+from executor_svc.engine.sampler import sample
+from executor_svc.engine.scheduler import ScheduledBatch
+from executor_svc.engine.sequence import Sequence
+from executor_svc.model.context import PrefillChunk, StepContext
+from executor_svc.model.llama import CausalLM
+from kernels import LoraBatchMeta, build_lora_meta
+from kernels.metadata import MAX_K
+
+META_FIELDS = ("token_slots", "token_weights", "sorted_tokens", "sorted_weights", "tile_start",
+               "tile_len", "tile_slots")
+
+
+def kv_bytes_per_block(model: CausalLM, block_size: int) -> int:
+    c = model.config
+    el = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * el
+
+
+class _Graph:
+    __slots__ = ("graph", "batch", "meta")
+
+    def __init__(self, graph, batch: int, meta: LoraBatchMeta | None):
+        self.graph, self.batch, self.meta = graph, batch, meta
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, *, num_blocks: int, block_size: int, max_model_len: int,
+                 graph_batch_sizes: list[int]):
+        self.model, self.device, self.block_size = model, model.device, block_size
+        c = model.config
+        self.eos_ids = c.eos_token_ids
+        self.kv = torch.zeros(c.num_layers, 2, num_blocks * block_size, c.num_kv_heads,
+                              c.head_dim, dtype=model.dtype, device=self.device)
+        self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(c.num_layers)]
+        self.max_blocks = -(-max_model_len // block_size)
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graph_sizes = sorted(graph_batch_sizes) if self.device.type == "cuda" else []
+        if self.graph_sizes:
+            self._capture_all()
+
+    # -- eager path ----------------------------------------------------------------------
+
+    def execute(self, batch: ScheduledBatch) -> list[int]:
+        """Run the step; returns a token for every entry that reaches the end of its tokens."""
+        entries = batch.entries
+        num_decode = sum(1 for _, n in entries if n == 1)
+        samplers = [s for s, n in entries if s.num_computed + n == s.num_tokens]
+        if num_decode == len(entries) and self.graph_sizes and num_decode <= self.graph_sizes[-1]:
+            logits = self._replay(entries)
+        else:
+            ids, ctx, logits_idx = self._prepare(entries, num_decode)
+            hidden = self.model(ids, ctx, self.kv_caches)
+            logits = self.model.compute_logits(hidden[logits_idx])
+        return sample(logits, samplers, self.eos_ids) if samplers else []
+
+    def _lora_plan(self, seqs: list[Sequence], counts: list[int], k: int | None = None):
+        """Per-token (slot, weight) arrays [T, K] (K = most adapters of any request)."""
+        k = k or max((len(s.adapters) for s in seqs), default=0)
+        if k == 0:
+            return None
+        t = sum(counts)
+        slots = np.full((t, k), -1, np.int32)
+        weights = np.zeros((t, k), np.float32)
+        row = 0
+        for s, n in zip(seqs, counts, strict=True):
+            for j, (slot, w) in enumerate(s.adapters):
+                slots[row : row + n, j] = slot
+                weights[row : row + n, j] = w
+            row += n
+        return slots, weights
+
+    def _prepare(self, entries, num_decode: int):
+        bs = self.block_size
+        ids, pos, rows, logits_idx, prefills = [], [], [], [], []
+        start = 0
+        for seq, n in entries:
+            p = np.arange(seq.num_computed, seq.num_computed + n)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            ids.extend(seq.token_ids[seq.num_computed : seq.num_computed + n])
+            pos.append(p)
+            rows.append(table[p // bs] * bs + p % bs)
+            if n > 1:
+                chunk = PrefillChunk(start=start, length=n)
+                if seq.num_computed > 0:
+                    ctx_pos = np.arange(seq.num_computed + n)
+                    chunk.kv_rows = self._t(table[ctx_pos // bs] * bs + ctx_pos % bs)
+                    chunk.mask = self._t(ctx_pos[None, :] <= p[:, None])
+                prefills.append(chunk)
+            if seq.num_computed + n == seq.num_tokens:
+                logits_idx.append(start + n - 1)
+            start += n
+        ctx = StepContext(positions=self._t(np.concatenate(pos)),
+                          slot_mapping=self._t(np.concatenate(rows)), num_decode=num_decode,
+                          prefills=prefills, block_size=bs)
+        if num_decode:
+            dec = [s for s, _ in entries[:num_decode]]
+            width = max(len(s.block_table) for s in dec)
+            tables = np.zeros((num_decode, width), np.int32)
+            for i, s in enumerate(dec):
+                tables[i, : len(s.block_table)] = s.block_table
+            ctx.block_tables = self._t(tables)
+            ctx.context_lens = self._t(np.array([s.num_computed + 1 for s in dec], np.int32))
+        plan = self._lora_plan([s for s, _ in entries], [n for _, n in entries])
+        if plan is not None:
+            ctx.lora = build_lora_meta(torch.from_numpy(plan[0]), torch.from_numpy(plan[1]),
+                                       self.model.num_slots, self.device)
+        return self._t(np.asarray(ids, np.int64)), ctx, self._t(np.asarray(logits_idx))
+
+    def _t(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    # -- CUDA graphs for decode steps ----------------------------------------------------------
+
+    def _capture_all(self) -> None:
+        n, dev = self.graph_sizes[-1], self.device
+        self.s_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.s_pos = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.s_rows = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.s_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
+        self.s_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.s_logits = torch.zeros(n, self.model.config.vocab_size, dtype=torch.float32,
+                                    device=dev)
+        modes = [0] + ([1, MAX_K] if self.model.num_slots and self.model.max_rank else [])
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.graph_sizes):
+            for k in modes:
+                meta = None
+                if k:
+                    slots = torch.full((b, k), -1, dtype=torch.int32)
+                    slots[:, 0] = 0
+                    meta = build_lora_meta(slots, (slots >= 0).float(), self.model.num_slots,
+                                           dev, pad_tiles_to=b)
+                ctx = self._graph_ctx(b, meta)
+                for _ in range(2):  # compile the Triton kernels outside the capture
+                    self._graph_body(b, ctx)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._graph_body(b, ctx)
+                self.graphs[(b, k)] = _Graph(graph, b, meta)
+        torch.cuda.synchronize()
+
+    def _graph_ctx(self, b: int, meta: LoraBatchMeta | None) -> StepContext:
+        return StepContext(positions=self.s_pos[:b], slot_mapping=self.s_rows[:b], num_decode=b,
+                           block_tables=self.s_tables[:b], context_lens=self.s_lens[:b],
+                           lora=meta, block_size=self.block_size)
+
+    def _graph_body(self, b: int, ctx: StepContext) -> None:
+        hidden = self.model(self.s_ids[:b], ctx, self.kv_caches)
+        self.s_logits[:b].copy_(self.model.compute_logits(hidden))
+
+    def _replay(self, entries) -> torch.Tensor:
+        nd, bs = len(entries), self.block_size
+        b = next(s for s in self.graph_sizes if s >= nd)
+        seqs = [s for s, _ in entries]
+        ids = np.zeros(b, np.int64)
+        pos = np.zeros(b, np.int64)
+        lens = np.ones(b, np.int32)
+        tables = np.full((b, self.max_blocks), SCRATCH_BLOCK, np.int32)
+        for i, s in enumerate(seqs):
+            p = s.num_computed
+            ids[i], pos[i], lens[i] = s.token_ids[p], p, p + 1
+            tables[i, : len(s.block_table)] = s.block_table
+        rows = tables[np.arange(b), pos // bs].astype(np.int64) * bs + pos % bs
+        rows[nd:] = SCRATCH_BLOCK * bs
+        for dst, src in ((self.s_ids, ids), (self.s_pos, pos), (self.s_rows, rows),
+                         (self.s_tables, tables), (self.s_lens, lens)):
+            dst[:b].copy_(torch.from_numpy(src), non_blocking=True)
+        k = max((len(s.adapters) for s in seqs), default=0)
+        mode = 0 if k == 0 else (1 if k == 1 else MAX_K)
+        g = self.graphs[(b, mode)]
+        if mode:
+            slots, weights = self._lora_plan(seqs, [1] * nd, mode)
+            slots = np.pad(slots, ((0, b - nd), (0, 0)), constant_values=-1)
+            weights = np.pad(weights, ((0, b - nd), (0, 0)))
+            host = build_lora_meta(torch.from_numpy(slots), torch.from_numpy(weights),
+                                   self.model.num_slots, torch.device("cpu"),
+                                   block_m=g.meta.block_m, pad_tiles_to=b)
+            for f in META_FIELDS:
+                getattr(g.meta, f).copy_(getattr(host, f), non_blocking=True)
+        g.graph.replay()
+        return self.s_logits[:nd]

@@ -1,0 +1,46 @@
+"""What one forward step needs besides the token ids: positions, KV slots, attention layout,
+and the LoRA metadata shared by every layer.
+
+Token order in a step: decode tokens first (one per sequence), then prefill chunks.
+Running example (block_size 4, flat KV row = block * 4 + offset)::
+
+    seq A decoding its 6th token (blocks [3, 7]), seq B prefilling tokens 0..2 (block [5])
+    input_ids     = [a5, b0, b1, b2]
+    positions     = [5, 0, 1, 2]
+    slot_mapping  = [7*4+1, 5*4+0, 5*4+1, 5*4+2] = [29, 20, 21, 22]
+    num_decode    = 1;  block_tables = [[3, 7]];  context_lens = [6]
+    prefills      = [PrefillChunk(start=1, length=3, kv_rows=None, mask=None)]  # no history
+    logits_index  = [0, 3]   # last token of each sequence that samples this step
+
+A prefill chunk that continues an earlier chunk (chunked prefill) has ``kv_rows``: the flat
+KV rows of its whole context (history + chunk), and ``mask`` [length, context] (causal with
+the chunk's offset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels import LoraBatchMeta
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    start: int  # first token of the chunk in the step's token order
+    length: int
+    kv_rows: torch.Tensor | None = None  # [context] int64 flat KV rows; None = no history
+    mask: torch.Tensor | None = None  # [length, context] bool, True = attend
+
+
+@dataclass(slots=True)
+class StepContext:
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64 flat KV row written by each token
+    num_decode: int = 0
+    block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] int32
+    context_lens: torch.Tensor | None = None  # [num_decode] int32, including the new token
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    lora: LoraBatchMeta | None = None
+    block_size: int = 16

@@ -1,0 +1,65 @@
+"""Backend dispatch for the LoRA delta of one projection (the role of vLLM's punica_wrapper).
+
+On CUDA the Triton kernels (:func:`kernels.add_lora`) run; on CPU a vectorised torch path
+(gather + two einsums) computes the same thing: the kernels' own reference
+(:func:`kernels.add_lora_ref`) is a per-token loop and too slow for whole forward passes,
+so this path is tested against it instead (tests/executor/test_model_lora_ops.py).
+
+Semantics (both paths):
+    for t in range(num_tokens):
+        for (slot, w) in plan[t]:
+            for s in range(n_slices):
+                y[t, off_s:off_s + out_s] += (w * scales[s, slot]
+                    * (x[t] @ A[s][slot].T) @ B[s][slot].T)
+A and B are zero-padded beyond each slot's rank, so the padding contributes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kernels import LoraBatchMeta, add_lora
+
+
+def add_lora_torch(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    meta: LoraBatchMeta,
+) -> None:
+    """y += delta; x: [T, in], lora_a[s]: [slots, r, in], lora_b[s]: [slots, out_s, r]."""
+    if meta.num_active == 0:
+        return
+    slots = meta.token_slots.long()  # [T, K]
+    valid = slots >= 0
+    idx = slots.clamp(min=0)
+    weights = meta.token_weights.float() * valid
+    xf = x.float()
+    off = 0
+    for s, (a, b) in enumerate(zip(lora_a, lora_b, strict=True)):
+        coef = weights * scales[s].float()[idx]  # [T, K]
+        h = torch.einsum("ti,tkri->tkr", xf, a[idx].float()) * coef.unsqueeze(-1)
+        delta = torch.einsum("tkr,tkor->to", h, b[idx].float())
+        out_s = b.shape[1]
+        y[:, off : off + out_s] += delta.to(y.dtype)
+        off += out_s
+
+
+def apply_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: LoraBatchMeta,
+) -> None:
+    """Add the step's LoRA deltas to ``y`` in place, on the device's best path."""
+    if y.is_cuda:
+        add_lora(y, x, lora_a, lora_b, ranks, scales, meta)
+    else:
+        add_lora_torch(y, x, lora_a, lora_b, scales, meta)

@@ -1,0 +1,133 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over the paged KV cache, with LoRA slots.
+
+The three families share one graph: RMSNorm -> attention (fused qkv, RoPE, GQA) -> RMSNorm ->
+SwiGLU MLP (fused gate/up); Qwen2 adds a qkv bias. The seven projections are LoRA-aware
+(:class:`LoRALinear`), so one step can run every token under its own adapter mixture.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from executor_svc.engine.types import AdapterWeights
+from executor_svc.model.config import ModelConfig
+from executor_svc.model.context import StepContext
+from executor_svc.model.layers.attention import PagedAttention
+from executor_svc.model.layers.lora_linear import LoRALinear
+from executor_svc.model.layers.norm import RMSNorm
+from executor_svc.model.layers.rotary import RotaryEmbedding
+
+# checkpoint module name -> (our fused module, slice name)
+FUSED = {
+    "q_proj": ("qkv_proj", "q_proj"), "k_proj": ("qkv_proj", "k_proj"),
+    "v_proj": ("qkv_proj", "v_proj"), "o_proj": ("o_proj", "o_proj"),
+    "gate_proj": ("gate_up_proj", "gate_proj"), "up_proj": ("gate_up_proj", "up_proj"),
+    "down_proj": ("down_proj", "down_proj"),
+}
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, **lora):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, lora["dtype"], lora["device"])
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, lora["dtype"],
+                                                lora["device"])
+        self.qkv_proj = LoRALinear(h, [self.q_size, self.kv_size, self.kv_size],
+                                   ["q_proj", "k_proj", "v_proj"], bias=cfg.qkv_bias, **lora)
+        self.o_proj = LoRALinear(self.q_size, [h], ["o_proj"], bias=cfg.o_bias, **lora)
+        self.gate_up_proj = LoRALinear(h, [cfg.intermediate_size] * 2, ["gate_proj", "up_proj"],
+                                       bias=cfg.mlp_bias, **lora)
+        self.down_proj = LoRALinear(cfg.intermediate_size, [h], ["down_proj"],
+                                    bias=cfg.mlp_bias, **lora)
+        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, d)
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, kv_cache, ctx: StepContext) -> torch.Tensor:
+        t = x.shape[0]
+        h = self.input_layernorm(x)
+        qkv = self.qkv_proj(h, ctx.lora)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(ctx.positions, q, k)
+        a = self.attn(q, k, v, kv_cache, ctx).reshape(t, self.q_size)
+        x = x + self.o_proj(a, ctx.lora)
+        h = self.post_attention_layernorm(x)
+        gate, up = self.gate_up_proj(h, ctx.lora).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up, ctx.lora)
+
+
+class CausalLM(nn.Module):
+    """The served model. ``num_slots`` adapters of rank <= ``max_rank`` live on the device."""
+
+    def __init__(self, cfg: ModelConfig, *, num_slots: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device, max_positions: int):
+        super().__init__()
+        self.config, self.num_slots, self.max_rank = cfg, num_slots, max_rank
+        self.dtype, self.device = dtype, device
+        # Held by the engine during each forward; slot writes take it, so they land between
+        # steps and never under a running batch.
+        self.step_lock = threading.RLock()
+        lora = {"num_slots": num_slots, "max_rank": max_rank, "dtype": dtype, "device": device}
+        self.rotary = RotaryEmbedding(cfg, max_positions).to(device)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                         device=device)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, **lora)
+                                    for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        if cfg.tie_word_embeddings:
+            self.lm_head_weight = self.embed_tokens.weight
+        else:
+            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                                    device=device), requires_grad=False)
+            self.lm_head_weight = self.lm_head
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """input_ids: [T] -> final hidden states [T, hidden] (normed)."""
+        x = self.embed_tokens(input_ids)
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, kv, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    # -- adapter slots (called by the serving layer, between steps; see Engine) --------------
+
+    def lora_layers(self) -> list[tuple[int, LoRALinear]]:
+        return [(i, m) for i, layer in enumerate(self.layers)
+                for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+
+    def set_lora(self, slot: int, weights: AdapterWeights) -> None:
+        """Write every layer's A/B/scale/rank of ``slot``; modules absent get rank 0."""
+        self._check_slot(slot)
+        unknown = {n for mods in weights.values() for n in mods} - set(FUSED)
+        if unknown or any(not 0 <= i < len(self.layers) for i in weights):
+            raise ValueError(f"adapter has modules/layers the model lacks: {sorted(unknown)}")
+        with self.step_lock:
+            for i, module in self.lora_layers():
+                module.set_lora(slot, weights.get(i, {}))
+
+    def reset_lora(self, slot: int) -> None:
+        self._check_slot(slot)
+        with self.step_lock:
+            for _, module in self.lora_layers():
+                module.reset_lora(slot)
+
+    def lora_bytes_per_slot(self) -> int:
+        return sum(m.lora_bytes_per_slot() for _, m in self.lora_layers())
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} outside [0, {self.num_slots})")
