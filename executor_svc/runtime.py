@@ -10,7 +10,7 @@ One request (``generate``), with where each resource is taken and given back::
     resolve plan   version 0 -> latest READY  NOT_FOUND for an unknown adapter
     acquire slots  Lease (refs on slots)      waits for loads / free slots; 429 when all busy
     engine         KV blocks                  TokenEvents until finish_reason
-    finally        aclose(engine stream)      frees KV (engine contract) + engine.abort
+    finally        aclose(engine stream)      aborts the request in the engine: KV freed
                    lease.release()            refs back; slots evictable again
                    queue_depth -= 1 (if still queued)
 
@@ -93,7 +93,7 @@ class ExecutorRuntime:
         engine = Engine(
             str(model_dir),
             device=device,
-            dtype=s.dtype,
+            dtype=None if s.dtype == "auto" else getattr(torch, s.dtype),
             num_lora_slots=s.num_lora_slots or self._slots_from_budget(model_dir, device),
             max_lora_rank=s.max_lora_rank,
             max_num_seqs=s.max_num_seqs,
@@ -196,10 +196,20 @@ class ExecutorRuntime:
 
     # -- requests ------------------------------------------------------------------------------
 
+    @property
+    def max_model_len(self) -> int:
+        """The engine's limit (the setting, capped by the model's positions)."""
+        assert self.engine is not None
+        return self.engine.max_model_len
+
+    def tokenize(self, text: str) -> list[int]:
+        assert self.engine is not None
+        return self.engine.tokenizer(text)["input_ids"]
+
     async def generate(
         self,
-        request_id: str,
         prompt: str,
+        prompt_token_ids: list[int],
         plan: common_pb2.LoraPlan,
         sampling: SamplingOptions,
         timeout: float | None,
@@ -220,10 +230,12 @@ class ExecutorRuntime:
                     raise deadline_exceeded("waiting for an adapter slot") from None
                 raise
             request = EngineRequest(
-                request_id,
+                # The engine's own id: callers may reuse theirs, the engine needs unique ones.
+                uuid.uuid4().hex,
                 prompt,
                 list(zip(lease.indices, resolved.weights, strict=True)),
                 sampling,
+                prompt_token_ids=prompt_token_ids,
             )
             async with aclosing(self.engine.generate(request)) as events:
                 async for event in events:

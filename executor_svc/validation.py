@@ -9,6 +9,7 @@ Zero values of SamplingParams mean the documented defaults: ``max_tokens=0`` is 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from executor_svc.adapters.plans import check_plan
@@ -24,7 +25,7 @@ MAX_REQUEST_ID_LENGTH = 128
 @dataclass(frozen=True, slots=True)
 class CheckedRequest:
     sampling: SamplingOptions
-    prompt_tokens: int
+    prompt_token_ids: list[int]
 
 
 def check_request(
@@ -33,23 +34,23 @@ def check_request(
     plan: common_pb2.LoraPlan,
     params: common_pb2.SamplingParams,
     settings: ExecutorSettings,
-    count_tokens,
+    max_model_len: int,
+    tokenize: Callable[[str], list[int]],
 ) -> CheckedRequest:
-    """Validate and build the engine's SamplingOptions; ``count_tokens(prompt) -> int``."""
+    """Validate and build the engine's SamplingOptions; the prompt is tokenized once, here."""
     bad: list[FieldViolation] = []
     if len(request_id) > MAX_REQUEST_ID_LENGTH:
         bad.append(FieldViolation("request_id", f"longer than {MAX_REQUEST_ID_LENGTH} chars"))
-    prompt_tokens = 0
+    ids: list[int] = []
     if not prompt:
         bad.append(FieldViolation("prompt", "empty"))
     else:
-        prompt_tokens = count_tokens(prompt)
-        if prompt_tokens >= settings.max_model_len:  # at least one token must fit after it
+        ids = list(tokenize(prompt))
+        if not ids:
+            bad.append(FieldViolation("prompt", "no tokens"))
+        if len(ids) >= max_model_len:  # at least one generated token must fit after it
             bad.append(
-                FieldViolation(
-                    "prompt",
-                    f"{prompt_tokens} tokens; max_model_len is {settings.max_model_len}",
-                )
+                FieldViolation("prompt", f"{len(ids)} tokens; max_model_len is {max_model_len}")
             )
     max_tokens = params.max_tokens or settings.default_max_tokens
     if params.max_tokens > settings.max_tokens:
@@ -75,7 +76,7 @@ def check_request(
     if bad:
         raise invalid(bad)
     # The KV cache holds max_model_len positions per request: generate no further than that.
-    max_tokens = min(max_tokens, settings.max_model_len - prompt_tokens)
+    max_tokens = min(max_tokens, max_model_len - len(ids))
     sampling = SamplingOptions(
         max_tokens=max_tokens,
         temperature=params.temperature,
@@ -85,4 +86,4 @@ def check_request(
         stop=list(params.stop),
         min_tokens=min(params.min_tokens, max_tokens),
     )
-    return CheckedRequest(sampling, prompt_tokens)
+    return CheckedRequest(sampling, ids)

@@ -49,8 +49,6 @@ class LoraSlots(Protocol):
 
     def set_lora(self, slot: int, weights: AdapterWeights) -> None: ...
 
-    def reset_lora(self, slot: int) -> None: ...
-
 
 @dataclass(slots=True, eq=False)
 class Slot:
@@ -196,10 +194,11 @@ class SlotManager:
         assert slot.ready is not None
         try:
             weights = await self.store.weights(key)
-            # Inline on the event loop: a slot copy is one host->device transfer per module
-            # (pinned source on CUDA), and no running request reads this slot yet.
             try:
-                self.model.set_lora(slot.index, weights)
+                # In a worker thread: set_lora takes the model's step lock, so it waits for the
+                # running forward step to end; the event loop must not wait with it. No running
+                # request names this slot yet, so writing it between steps is safe.
+                await asyncio.to_thread(self.model.set_lora, slot.index, weights)
             except (ValueError, IndexError) as exc:  # shapes/rank do not fit the model
                 raise adapter_incompatible(str(key), str(exc)) from exc
             slot.nbytes = weights_nbytes(weights)
@@ -207,7 +206,6 @@ class SlotManager:
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter via the future
             self._by_key.pop(key, None)
             slot.key = None  # stays unusable until its last reference is released
-            self.model.reset_lora(slot.index)
             if isinstance(exc, asyncio.CancelledError):
                 slot.ready.cancel()
             else:
@@ -226,9 +224,10 @@ class SlotManager:
         self._notify()
 
     def _evict(self, slot: Slot) -> None:
+        # No reset_lora: a slot no key maps to is named by no request, so its stale weights
+        # are never read, and the next set_lora overwrites every module of it.
         if slot.key is not None:
             self._by_key.pop(slot.key, None)
-        self.model.reset_lora(slot.index)
         slot.key, slot.nbytes, slot.pinned, slot.evict_when_idle = None, 0, False, False
         slot.ready = None
 

@@ -95,6 +95,7 @@ class AdapterStore:
             path = await self.source.fetch(resolved)
             try:
                 built = await asyncio.to_thread(self._load_fn, path)
-            except (ValueError, KeyError, OSError) as exc:  # malformed or unsupported adapter
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                # Malformed or unsupported files: retrying will not help, tell the caller why.
                 raise adapter_incompatible(str(key), str(exc)) from exc
         return self.host_cache.put(key, built)
