@@ -7,13 +7,19 @@ See docs/kernels.md.
 """
 
 from kernels import _common  # noqa: F401  (sets TRITON_INTERPRET on machines without CUDA)
-from kernels.add_lora import add_lora
-from kernels.lora_expand import lora_expand
-from kernels.lora_shrink import lora_shrink
+from kernels.add_lora_op import add_lora
+from kernels.lora_expand_op import lora_expand
+from kernels.lora_shrink_op import lora_shrink
 from kernels.metadata import LoraBatchMeta, build_lora_meta
 from kernels.reference import add_lora_ref, lora_expand_ref, lora_shrink_ref
 
 __all__ = [
-    "LoraBatchMeta", "add_lora", "add_lora_ref", "build_lora_meta", "lora_expand",
-    "lora_expand_ref", "lora_shrink", "lora_shrink_ref",
+    "LoraBatchMeta",
+    "add_lora",
+    "add_lora_ref",
+    "build_lora_meta",
+    "lora_expand",
+    "lora_expand_ref",
+    "lora_shrink",
+    "lora_shrink_ref",
 ]

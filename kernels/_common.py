@@ -57,16 +57,21 @@ def check_meta(meta, device: torch.device, what: str) -> None:
         raise ValueError(f"{what}: meta is on {meta.sorted_tokens.device}, tensors on {device}")
 
 
-def check_operands(x: torch.Tensor, lora: Sequence[torch.Tensor], ranks: torch.Tensor,
-                   what: str) -> None:
+def check_operands(
+    x: torch.Tensor, lora: Sequence[torch.Tensor], ranks: torch.Tensor, what: str
+) -> None:
     if len(lora) == 0:
         raise ValueError(f"{what}: at least one slice is needed")
     if ranks.dim() != 2 or ranks.shape != (len(lora), lora[0].shape[0]):
-        raise ValueError(f"{what}: ranks must be [n_slices={len(lora)}, slots="
-                         f"{lora[0].shape[0]}], got {tuple(ranks.shape)}")
+        raise ValueError(
+            f"{what}: ranks must be [n_slices={len(lora)}, slots="
+            f"{lora[0].shape[0]}], got {tuple(ranks.shape)}"
+        )
     for w in lora:
         if w.dtype != x.dtype or w.device != x.device or w.dim() != 3:
-            raise ValueError(f"{what}: every weight must be a 3-d {x.dtype} tensor on "
-                             f"{x.device}, got {w.dtype} {tuple(w.shape)} on {w.device}")
+            raise ValueError(
+                f"{what}: every weight must be a 3-d {x.dtype} tensor on "
+                f"{x.device}, got {w.dtype} {tuple(w.shape)} on {w.device}"
+            )
         if w.stride(-1) != 1:
             raise ValueError(f"{what}: weights must be contiguous in their last dimension")

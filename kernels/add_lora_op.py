@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.lora_expand import lora_expand
-from kernels.lora_shrink import lora_shrink
+from kernels.lora_expand_op import lora_expand
+from kernels.lora_shrink_op import lora_shrink
 from kernels.metadata import LoraBatchMeta
 
 
@@ -54,8 +54,9 @@ def add_lora(
     if ranks.dtype != torch.int32 or scales.dtype != torch.float32 or not ranks.is_contiguous():
         raise ValueError("ranks must be contiguous int32 and scales float32")
     if x.shape[0] != meta.num_tokens or y.shape[0] != meta.num_tokens:
-        raise ValueError(f"x has {x.shape[0]} and y {y.shape[0]} rows; meta has "
-                         f"{meta.num_tokens} tokens")
+        raise ValueError(
+            f"x has {x.shape[0]} and y {y.shape[0]} rows; meta has {meta.num_tokens} tokens"
+        )
     if meta.num_active == 0:
         return
     h = lora_shrink(x, lora_a, ranks, meta, config=shrink_config)

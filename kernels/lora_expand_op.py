@@ -20,7 +20,14 @@ import triton
 import triton.language as tl
 
 from kernels._common import (
-    INTERPRET, check_meta, check_operands, dot_precision, next_pow2, pad3, rank_chunk, slice_groups,
+    INTERPRET,
+    check_meta,
+    check_operands,
+    dot_precision,
+    next_pow2,
+    pad3,
+    rank_chunk,
+    slice_groups,
 )
 from kernels.config import kernel_config
 from kernels.metadata import LoraBatchMeta
@@ -28,32 +35,60 @@ from kernels.metadata import LoraBatchMeta
 
 @triton.jit
 def _lora_expand_kernel(
-    y_ptr, h_ptr, b0_ptr, b1_ptr, b2_ptr, ranks_ptr, scales_ptr,
-    sorted_tokens_ptr, sorted_weights_ptr, tile_start_ptr, tile_len_ptr, tile_slots_ptr,
-    out0, out1, out2, off0, off1, off2, sbs0, sbs1, sbs2,
-    num_slots, stride_yt, stride_bn, stride_hsp, stride_hs, stride_ht,
-    MAX_K: tl.constexpr, KP: tl.constexpr, RANK_CHUNK: tl.constexpr, R_MAX: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    N_SLICES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    y_ptr,
+    h_ptr,
+    b0_ptr,
+    b1_ptr,
+    b2_ptr,
+    ranks_ptr,
+    scales_ptr,
+    sorted_tokens_ptr,
+    sorted_weights_ptr,
+    tile_start_ptr,
+    tile_len_ptr,
+    tile_slots_ptr,
+    out0,
+    out1,
+    out2,
+    off0,
+    off1,
+    off2,
+    sbs0,
+    sbs1,
+    sbs2,
+    num_slots,
+    stride_yt,
+    stride_bn,
+    stride_hsp,
+    stride_hs,
+    stride_ht,
+    MAX_K: tl.constexpr,
+    KP: tl.constexpr,
+    RANK_CHUNK: tl.constexpr,
+    R_MAX: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    N_SLICES: tl.constexpr,
+    EVEN_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     s = tl.program_id(2)
     b_ptr, out_s, col_off, stride_bs = b0_ptr, out0, off0, sbs0
-    if N_SLICES > 1:
+    if N_SLICES > 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if s == 1:
             b_ptr, out_s, col_off, stride_bs = b1_ptr, out1, off1, sbs1
-    if N_SLICES > 2:
+    if N_SLICES > 2:  # noqa: SIM102
         if s == 2:
             b_ptr, out_s, col_off, stride_bs = b2_ptr, out2, off2, sbs2
 
-    offs_j = tl.arange(0, KP * RANK_CHUNK)
-    kj = offs_j // RANK_CHUNK
-    rj = offs_j % RANK_CHUNK
+    kj = tl.arange(0, KP)
     slot_j = tl.load(tile_slots_ptr + tile * MAX_K + kj, mask=kj < MAX_K, other=-1)
     rank_j = tl.load(ranks_ptr + s * num_slots + slot_j, mask=slot_j >= 0, other=0)
-    rank_j = tl.minimum(rank_j, R_MAX)
-    max_rank = tl.max(rank_j, axis=0)
+    max_rank = tl.minimum(tl.max(rank_j, axis=0), R_MAX)  # the shrink's chunks, exactly
 
     if (max_rank > 0) & (n0 < out_s):
         n_rows = tl.load(tile_len_ptr + tile)
@@ -63,28 +98,45 @@ def _lora_expand_kernel(
         tok = tl.load(sorted_tokens_ptr + row0 + offs_m, mask=row_ok, other=0).to(tl.int64)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < out_s
-        # coef[m, j] = weight of token m for adapter kj * scale of that adapter
-        w = tl.load(sorted_weights_ptr + (row0 + offs_m)[:, None] * MAX_K + kj[None, :],
-                    mask=row_ok[:, None] & (kj < MAX_K)[None, :], other=0.0)
-        sc = tl.load(scales_ptr + s * num_slots + slot_j, mask=slot_j >= 0, other=0.0)
-        coef = w * sc[None, :]
-        h_rows = h_ptr + s * stride_hs + tok[:, None] * stride_ht + kj[None, :] * R_MAX
-        b_cols = b_ptr + tl.maximum(slot_j, 0).to(tl.int64)[:, None] * stride_bs \
-            + offs_n[None, :] * stride_bn
+        offs_r = tl.arange(0, RANK_CHUNK)
+        h_rows = h_ptr + s * stride_hs + tok[:, None] * stride_ht
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for r0 in range(0, max_rank, RANK_CHUNK):
-            r = r0 + rj
-            col_ok = r < rank_j
-            hm = row_ok[:, None] & col_ok[None, :]
-            hs = tl.zeros([BLOCK_M, KP * RANK_CHUNK], dtype=tl.float32)
-            for sp in tl.static_range(NUM_SPLITS):
-                hs += tl.load(h_rows + sp * stride_hsp + r[None, :], mask=hm, other=0.0)
-            hs = hs * coef
-            bt = tl.load(b_cols + r[:, None], mask=col_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:  # the interpreter mishandles bf16 arithmetic
-                acc += tl.dot(hs, bt.to(tl.float32), input_precision=DOT_PRECISION)
-            else:
-                acc += tl.dot(hs.to(bt.dtype), bt, input_precision=DOT_PRECISION)
+            r = r0 + offs_r
+            # One dot per adapter of the plan: with a scalar slot, B's rows are contiguous
+            # along r and its loads 16 bytes wide (a stacked, gathered tile's are not).
+            for k in tl.static_range(MAX_K):
+                slot = tl.load(tile_slots_ptr + tile * MAX_K + k)
+                rank = tl.load(ranks_ptr + s * num_slots + slot, mask=slot >= 0, other=0)
+                if rank > r0:
+                    if EVEN_R:  # no chunk crosses r_max
+                        hm = row_ok[:, None]
+                        bm = n_ok[None, :]
+                    else:
+                        hm = row_ok[:, None] & (r < R_MAX)[None, :]
+                        bm = n_ok[None, :] & (r < R_MAX)[:, None]
+                    # The shrink wrote these chunks whole (zeros above each rank).
+                    hs = tl.zeros([BLOCK_M, RANK_CHUNK], dtype=tl.float32)
+                    for sp in tl.static_range(NUM_SPLITS):
+                        hs += tl.load(
+                            h_rows + sp * stride_hsp + k * R_MAX + r[None, :], mask=hm, other=0.0
+                        )
+                    w = tl.load(sorted_weights_ptr + (row0 + offs_m) * MAX_K + k, mask=row_ok)
+                    scale = tl.load(scales_ptr + s * num_slots + slot)
+                    hs = hs * (w * scale)[:, None]
+                    b_tile = (
+                        b_ptr
+                        + slot.to(tl.int64) * stride_bs
+                        + offs_n[None, :] * stride_bn
+                        + r[:, None]
+                    )
+                    bt = tl.load(b_tile, mask=bm, other=0.0)
+                    # Rows above the slot's rank may hold a previous adapter's weights.
+                    bt = tl.where((r < rank)[:, None], bt, tl.zeros_like(bt))
+                    if UPCAST:  # the interpreter mishandles bf16 arithmetic
+                        acc += tl.dot(hs, bt.to(tl.float32), input_precision=DOT_PRECISION)
+                    else:
+                        acc += tl.dot(hs.to(bt.dtype), bt, input_precision=DOT_PRECISION)
         y_tile = y_ptr + tok[:, None] * stride_yt + (col_off + offs_n)[None, :]
         y_mask = row_ok[:, None] & n_ok[None, :]
         y_old = tl.load(y_tile, mask=y_mask, other=0.0).to(tl.float32)
@@ -129,12 +181,16 @@ def lora_expand(
     outs = [b.shape[1] for b in lora_b]
     if y.dim() != 2 or y.shape[1] != sum(outs) or y.stride(1) != 1:
         raise ValueError(f"lora_expand: y must be [T, {sum(outs)}] with contiguous rows")
-    if any(b.shape[0] != slots or b.shape[2] != r_max or b.stride(1) != lora_b[0].stride(1)
-           for b in lora_b):
+    if any(
+        b.shape[0] != slots or b.shape[2] != r_max or b.stride(1) != lora_b[0].stride(1)
+        for b in lora_b
+    ):
         raise ValueError("lora_expand: B slices must share slots, r_max and the n stride")
     if h.shape[1:] != (n_slices, y.shape[0], meta.max_k, r_max) or not h.is_contiguous():
-        raise ValueError(f"lora_expand: h has shape {tuple(h.shape)}, expected "
-                         f"[splits, {n_slices}, {y.shape[0]}, {meta.max_k}, {r_max}]")
+        raise ValueError(
+            f"lora_expand: h has shape {tuple(h.shape)}, expected "
+            f"[splits, {n_slices}, {y.shape[0]}, {meta.max_k}, {r_max}]"
+        )
     if scales.shape != ranks.shape or not scales.is_contiguous():
         raise ValueError("lora_expand: scales must be a contiguous [n_slices, slots] tensor")
     if meta.num_active == 0 or meta.grid_tiles == 0:
@@ -149,12 +205,38 @@ def lora_expand(
         sbs = pad3([x.stride(0) for x in lora_b[g0:g1]], 0)
         grid = (meta.grid_tiles, triton.cdiv(max(outs[g0:g1]), block_n), g1 - g0)
         _lora_expand_kernel[grid](
-            y, h[:, g0:], b[0], b[1], b[2], ranks[g0:], scales[g0:],
-            meta.sorted_tokens, meta.sorted_weights, meta.tile_start, meta.tile_len,
-            meta.tile_slots, *o, *f, *sbs,
-            slots, y.stride(0), lora_b[0].stride(1), h.stride(0), h.stride(1), h.stride(2),
-            MAX_K=meta.max_k, KP=kp, RANK_CHUNK=chunk, R_MAX=r_max, NUM_SPLITS=h.shape[0],
-            BLOCK_M=meta.block_m, BLOCK_N=block_n, N_SLICES=g1 - g0, UPCAST=INTERPRET,
+            y,
+            h[:, g0:],
+            b[0],
+            b[1],
+            b[2],
+            ranks[g0:],
+            scales[g0:],
+            meta.sorted_tokens,
+            meta.sorted_weights,
+            meta.tile_start,
+            meta.tile_len,
+            meta.tile_slots,
+            *o,
+            *f,
+            *sbs,
+            slots,
+            y.stride(0),
+            lora_b[0].stride(1),
+            h.stride(0),
+            h.stride(1),
+            h.stride(2),
+            MAX_K=meta.max_k,
+            KP=kp,
+            RANK_CHUNK=chunk,
+            R_MAX=r_max,
+            NUM_SPLITS=h.shape[0],
+            BLOCK_M=meta.block_m,
+            BLOCK_N=block_n,
+            N_SLICES=g1 - g0,
+            EVEN_R=r_max % chunk == 0,
+            UPCAST=INTERPRET,
             DOT_PRECISION=dot_precision(y.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )

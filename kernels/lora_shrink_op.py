@@ -23,7 +23,15 @@ import triton
 import triton.language as tl
 
 from kernels._common import (
-    INTERPRET, cdiv, check_meta, check_operands, dot_precision, next_pow2, pad3, rank_chunk, slice_groups,
+    INTERPRET,
+    cdiv,
+    check_meta,
+    check_operands,
+    dot_precision,
+    next_pow2,
+    pad3,
+    rank_chunk,
+    slice_groups,
 )
 from kernels.config import kernel_config
 from kernels.metadata import LoraBatchMeta
@@ -31,23 +39,45 @@ from kernels.metadata import LoraBatchMeta
 
 @triton.jit
 def _lora_shrink_kernel(
-    x_ptr, h_ptr, a0_ptr, a1_ptr, a2_ptr, ranks_ptr,
-    sorted_tokens_ptr, tile_start_ptr, tile_len_ptr, tile_slots_ptr,
-    in_features, k_per_split, num_slots,
-    stride_xt, stride_as, stride_ar,
-    stride_hsp, stride_hs, stride_ht,
-    MAX_K: tl.constexpr, KP: tl.constexpr, RANK_CHUNK: tl.constexpr, R_MAX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, N_SLICES: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr,
+    h_ptr,
+    a0_ptr,
+    a1_ptr,
+    a2_ptr,
+    ranks_ptr,
+    sorted_tokens_ptr,
+    tile_start_ptr,
+    tile_len_ptr,
+    tile_slots_ptr,
+    in_features,
+    k_per_split,
+    num_slots,
+    stride_xt,
+    stride_as,
+    stride_ar,
+    stride_hsp,
+    stride_hs,
+    stride_ht,
+    MAX_K: tl.constexpr,
+    KP: tl.constexpr,
+    RANK_CHUNK: tl.constexpr,
+    R_MAX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    N_SLICES: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
     s = tl.program_id(2)
     a_ptr = a0_ptr
-    if N_SLICES > 1:
+    if N_SLICES > 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if s == 1:
             a_ptr = a1_ptr
-    if N_SLICES > 2:
+    if N_SLICES > 2:  # noqa: SIM102
         if s == 2:
             a_ptr = a2_ptr
 
@@ -89,7 +119,10 @@ def _lora_shrink_kernel(
                 xt = xt.to(tl.float32)
                 at = at.to(tl.float32)
             acc += tl.dot(xt, at, input_precision=DOT_PRECISION)
-        h_mask = row_ok[:, None] & ((kj < MAX_K) & (r < R_MAX))[None, :]
+        if EVEN_R:  # no chunk crosses r_max
+            h_mask = row_ok[:, None] & (kj < MAX_K)[None, :]
+        else:
+            h_mask = row_ok[:, None] & ((kj < MAX_K) & (r < R_MAX))[None, :]
         tl.store(h_base + kj[None, :] * R_MAX + r[None, :], acc, mask=h_mask)
 
 
@@ -136,8 +169,9 @@ def lora_shrink(
     block_k = min(cfg["BLOCK_K"], max(16, next_pow2(in_features)))
     k_per_split = cdiv(cdiv(in_features, cfg["SPLIT_K"]), block_k) * block_k
     num_splits = cdiv(in_features, k_per_split)
-    h = torch.empty(num_splits, n_slices, t, meta.max_k, r_max, dtype=torch.float32,
-                    device=x.device)
+    h = torch.empty(
+        num_splits, n_slices, t, meta.max_k, r_max, dtype=torch.float32, device=x.device
+    )
     if meta.num_active == 0 or meta.grid_tiles == 0:
         return h
     kp, chunk = rank_chunk(r_max, meta.max_k)
@@ -146,15 +180,37 @@ def lora_shrink(
         a = pad3(lora_a[g0:g1], a0)
         grid = (meta.grid_tiles, num_splits, g1 - g0)
         _lora_shrink_kernel[grid](
-            x, h[:, g0:], a[0], a[1], a[2], ranks[g0:],
-            meta.sorted_tokens, meta.tile_start, meta.tile_len, meta.tile_slots,
-            in_features, k_per_split, slots,
-            x.stride(0), a0.stride(0), a0.stride(1),
-            h.stride(0), h.stride(1), h.stride(2),
-            MAX_K=meta.max_k, KP=kp, RANK_CHUNK=chunk, R_MAX=r_max,
-            BLOCK_M=meta.block_m, BLOCK_K=block_k, N_SLICES=g1 - g0,
-            EVEN_K=in_features % k_per_split == 0, UPCAST=INTERPRET,
+            x,
+            h[:, g0:],
+            a[0],
+            a[1],
+            a[2],
+            ranks[g0:],
+            meta.sorted_tokens,
+            meta.tile_start,
+            meta.tile_len,
+            meta.tile_slots,
+            in_features,
+            k_per_split,
+            slots,
+            x.stride(0),
+            a0.stride(0),
+            a0.stride(1),
+            h.stride(0),
+            h.stride(1),
+            h.stride(2),
+            MAX_K=meta.max_k,
+            KP=kp,
+            RANK_CHUNK=chunk,
+            R_MAX=r_max,
+            BLOCK_M=meta.block_m,
+            BLOCK_K=block_k,
+            N_SLICES=g1 - g0,
+            EVEN_K=in_features % k_per_split == 0,
+            EVEN_R=r_max % chunk == 0,
+            UPCAST=INTERPRET,
             DOT_PRECISION=dot_precision(x.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
     return h

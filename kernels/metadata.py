@@ -129,14 +129,19 @@ def build_lora_meta(
             same T, K and pad; must be >= the tiles needed (T is always enough).
     """
     if token_slots.dim() != 2 or token_slots.shape != token_weights.shape:
-        raise ValueError(f"token_slots {tuple(token_slots.shape)} and token_weights "
-                         f"{tuple(token_weights.shape)} must both be [T, K]")
+        raise ValueError(
+            f"token_slots {tuple(token_slots.shape)} and token_weights "
+            f"{tuple(token_weights.shape)} must both be [T, K]"
+        )
     t, k = token_slots.shape
     if not 1 <= k <= MAX_K:
         raise ValueError(f"K={k} adapters per token; supported: 1..{MAX_K}")
     if device is None:
-        device = token_slots.device if token_slots.is_cuda else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        device = (
+            token_slots.device
+            if token_slots.is_cuda
+            else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
     slots = token_slots.detach().cpu().numpy().astype(np.int32)
     weights = token_weights.detach().cpu().numpy().astype(np.float32)
     if slots.size and (slots.max() >= num_slots or slots.min() < -1):
@@ -161,20 +166,33 @@ def build_lora_meta(
     tile_slots = np.full((grid, k), -1, np.int32)
     tile_slots[:num_tiles] = slots[order[start]] if num_tiles else tile_slots[:0]
 
-    ints = np.concatenate([
-        slots.ravel(), order.astype(np.int32),
-        np.pad(start, (0, grid - num_tiles)).astype(np.int32),
-        np.pad(length, (0, grid - num_tiles)).astype(np.int32), tile_slots.ravel(),
-    ])
+    ints = np.concatenate(
+        [
+            slots.ravel(),
+            order.astype(np.int32),
+            np.pad(start, (0, grid - num_tiles)).astype(np.int32),
+            np.pad(length, (0, grid - num_tiles)).astype(np.int32),
+            tile_slots.ravel(),
+        ]
+    )
     floats = np.concatenate([weights.ravel(), weights[order].ravel()])
     ib = torch.from_numpy(ints).to(device)
     fb = torch.from_numpy(floats).to(device)
     cuts = np.cumsum([0, t * k, t, grid, grid, grid * k])
     iv = [ib[cuts[i] : cuts[i + 1]] for i in range(5)]
     return LoraBatchMeta(
-        token_slots=iv[0].view(t, k), token_weights=fb[: t * k].view(t, k),
-        sorted_tokens=iv[1], sorted_weights=fb[t * k :].view(t, k),
-        tile_start=iv[2], tile_len=iv[3], tile_slots=iv[4].view(grid, k),
-        num_tokens=t, max_k=k, num_slots=num_slots, num_active=num_active,
-        num_tiles=num_tiles, grid_tiles=grid, block_m=block_m,
+        token_slots=iv[0].view(t, k),
+        token_weights=fb[: t * k].view(t, k),
+        sorted_tokens=iv[1],
+        sorted_weights=fb[t * k :].view(t, k),
+        tile_start=iv[2],
+        tile_len=iv[3],
+        tile_slots=iv[4].view(grid, k),
+        num_tokens=t,
+        max_k=k,
+        num_slots=num_slots,
+        num_active=num_active,
+        num_tiles=num_tiles,
+        grid_tiles=grid,
+        block_m=block_m,
     )

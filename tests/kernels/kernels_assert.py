@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,
-                 what: str = "tensor", top: int = 5) -> None:
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    atol: float,
+    rtol: float,
+    what: str = "tensor",
+    top: int = 5,
+) -> None:
     """Assert |actual - expected| <= atol + rtol * |expected| everywhere (NaN never passes).
 
     On failure the message lists the ``top`` largest absolute errors with their indices, and
@@ -23,9 +30,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
     lines = []
     for i in worst.tolist():
         idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), a.shape))
-        lines.append(f"  at {idx}: got {a[idx].item():.6g}, expected {e[idx].item():.6g}, "
-                     f"|err| {err[idx].item():.3g}")
+        lines.append(
+            f"  at {idx}: got {a[idx].item():.6g}, expected {e[idx].item():.6g}, "
+            f"|err| {err[idx].item():.3g}"
+        )
     rel = (a - e).norm() / e.norm().clamp_min(1e-30)
     raise AssertionError(
         f"{what}: {int(bad.sum())} of {a.numel()} elements off (atol={atol}, rtol={rtol}), "
-        f"relative error {rel.item():.3g}; worst:\n" + "\n".join(lines))
+        f"relative error {rel.item():.3g}; worst:\n" + "\n".join(lines)
+    )

@@ -34,8 +34,11 @@ def _draw_slots(gen: torch.Generator, t: int, k: int, num_slots: int, pop: str) 
     if t * k == 0:
         return torch.zeros(t, k, dtype=torch.long)
     if pop == "all_distinct":
-        base = torch.randperm(num_slots, generator=gen)[: t * k] if t * k <= num_slots else \
-            torch.arange(t * k) % num_slots
+        base = (
+            torch.randperm(num_slots, generator=gen)[: t * k]
+            if t * k <= num_slots
+            else torch.arange(t * k) % num_slots
+        )
         return base.view(t, k)
     if pop == "identical":
         return torch.full((t, k), int(torch.randint(num_slots, (1,), generator=gen)))
@@ -52,10 +55,19 @@ def _draw_slots(gen: torch.Generator, t: int, k: int, num_slots: int, pop: str) 
 
 
 def make_batch(
-    *, tokens: int, in_features: int, outs: list[int], r_max: int, num_slots: int,
-    k: int = 1, popularity: str = "uniform", dtype: torch.dtype = torch.float32,
-    mixed_ranks: tuple[int, ...] | None = None, base_only_frac: float = 0.1,
-    device: torch.device | str = "cpu", seed: int = 0,
+    *,
+    tokens: int,
+    in_features: int,
+    outs: list[int],
+    r_max: int,
+    num_slots: int,
+    k: int = 1,
+    popularity: str = "uniform",
+    dtype: torch.dtype = torch.float32,
+    mixed_ranks: tuple[int, ...] | None = None,
+    base_only_frac: float = 0.1,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
 ) -> Batch:
     gen = torch.Generator().manual_seed(seed)
 
@@ -83,5 +95,7 @@ def make_batch(
         lora_b=[rnd(num_slots, o, r_max, std=r_max**-0.5) for o in outs],
         ranks=ranks.to(device),
         scales=(torch.rand(n, num_slots, generator=gen) + 0.5).to(device),
-        token_slots=slots, token_weights=weights, num_slots=num_slots,
+        token_slots=slots,
+        token_weights=weights,
+        num_slots=num_slots,
     )

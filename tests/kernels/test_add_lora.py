@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import add_lora, add_lora_ref, build_lora_meta
-
 from kernels_assert import assert_close
 from kernels_cases import DTYPES, POPULARITY, Batch, make_batch
+
+from kernels import add_lora, add_lora_ref, build_lora_meta
 
 
 def _run(b: Batch, device: torch.device, dtype: torch.dtype, **meta_kw) -> None:
@@ -26,8 +25,17 @@ def _run(b: Batch, device: torch.device, dtype: torch.dtype, **meta_kw) -> None:
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_dtypes(device: torch.device, dtype: torch.dtype) -> None:
-    b = make_batch(tokens=19, in_features=96, outs=[40], r_max=16, num_slots=6, k=2,
-                   dtype=dtype, device=device, seed=1)
+    b = make_batch(
+        tokens=19,
+        in_features=96,
+        outs=[40],
+        r_max=16,
+        num_slots=6,
+        k=2,
+        dtype=dtype,
+        device=device,
+        seed=1,
+    )
     _run(b, device, dtype)
 
 
@@ -42,59 +50,132 @@ SHAPES = [
 
 @pytest.mark.parametrize(("tokens", "in_features", "outs"), SHAPES)
 def test_weird_shapes(device: torch.device, tokens: int, in_features: int, outs: list[int]) -> None:
-    b = make_batch(tokens=tokens, in_features=in_features, outs=outs, r_max=8, num_slots=5,
-                   k=2, dtype=torch.bfloat16, device=device, seed=tokens)
+    b = make_batch(
+        tokens=tokens,
+        in_features=in_features,
+        outs=outs,
+        r_max=8,
+        num_slots=5,
+        k=2,
+        dtype=torch.bfloat16,
+        device=device,
+        seed=tokens,
+    )
     _run(b, device, torch.bfloat16)
 
 
 @pytest.mark.parametrize("rank", [1, 8, 16, 64, 128])
 def test_ranks(device: torch.device, rank: int) -> None:
-    b = make_batch(tokens=9, in_features=80, outs=[48, 24], r_max=rank, num_slots=4, k=1,
-                   dtype=torch.float32, device=device, seed=rank)
+    b = make_batch(
+        tokens=9,
+        in_features=80,
+        outs=[48, 24],
+        r_max=rank,
+        num_slots=4,
+        k=1,
+        dtype=torch.float32,
+        device=device,
+        seed=rank,
+    )
     _run(b, device, torch.float32)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_mixed_ranks(device: torch.device, k: int) -> None:
     """Slots of ranks 1..64 (and empty slots, rank 0) share one batch and one token."""
-    b = make_batch(tokens=21, in_features=72, outs=[36, 20], r_max=64, num_slots=7, k=k,
-                   dtype=torch.float16, mixed_ranks=(0, 1, 8, 16, 64), device=device, seed=k)
+    b = make_batch(
+        tokens=21,
+        in_features=72,
+        outs=[36, 20],
+        r_max=64,
+        num_slots=7,
+        k=k,
+        dtype=torch.float16,
+        mixed_ranks=(0, 1, 8, 16, 64),
+        device=device,
+        seed=k,
+    )
     _run(b, device, torch.float16)
 
 
 @pytest.mark.parametrize("popularity", POPULARITY)
 @pytest.mark.parametrize("k", [1, 4])
 def test_popularity(device: torch.device, popularity: str, k: int) -> None:
-    b = make_batch(tokens=40, in_features=64, outs=[32], r_max=16, num_slots=48, k=k,
-                   popularity=popularity, dtype=torch.bfloat16, device=device, seed=7)
+    b = make_batch(
+        tokens=40,
+        in_features=64,
+        outs=[32],
+        r_max=16,
+        num_slots=48,
+        k=k,
+        popularity=popularity,
+        dtype=torch.bfloat16,
+        device=device,
+        seed=7,
+    )
     _run(b, device, torch.bfloat16)
 
 
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_block_m_and_padding(device: torch.device, block_m: int) -> None:
     """Tiles longer than a plan's run, and padded (empty) tiles for CUDA-graph replay."""
-    b = make_batch(tokens=45, in_features=40, outs=[24, 24, 8, 8], r_max=16, num_slots=3, k=2,
-                   popularity="zipf", dtype=torch.float32, device=device, seed=3)
+    b = make_batch(
+        tokens=45,
+        in_features=40,
+        outs=[24, 24, 8, 8],
+        r_max=16,
+        num_slots=3,
+        k=2,
+        popularity="zipf",
+        dtype=torch.float32,
+        device=device,
+        seed=3,
+    )
     _run(b, device, torch.float32, block_m=block_m, pad_tiles_to=45)
 
 
 def test_split_k_uneven(device: torch.device) -> None:
     """Several K splits whose last one is partial (in=200, 3 splits of 80)."""
-    b = make_batch(tokens=11, in_features=200, outs=[30], r_max=16, num_slots=4, k=2,
-                   dtype=torch.float32, device=device, seed=5)
+    b = make_batch(
+        tokens=11,
+        in_features=200,
+        outs=[30],
+        r_max=16,
+        num_slots=4,
+        k=2,
+        dtype=torch.float32,
+        device=device,
+        seed=5,
+    )
     meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, device)
     y_ref, y = b.y.clone(), b.y.clone()
     add_lora_ref(y_ref, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
-    add_lora(y, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta,
-             shrink_config={"BLOCK_K": 16, "SPLIT_K": 3, "num_warps": 4, "num_stages": 1},
-             expand_config={"BLOCK_N": 16, "num_warps": 4, "num_stages": 1})
+    add_lora(
+        y,
+        b.x,
+        b.lora_a,
+        b.lora_b,
+        b.ranks,
+        b.scales,
+        meta,
+        shrink_config={"BLOCK_K": 16, "SPLIT_K": 3, "num_warps": 4, "num_stages": 1},
+        expand_config={"BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
+    )
     assert_close(y, y_ref, atol=1e-4, rtol=1e-4, what="y")
 
 
 @pytest.mark.parametrize("tokens", [0, 6])
 def test_empty_and_base_only(device: torch.device, tokens: int) -> None:
-    b = make_batch(tokens=tokens, in_features=32, outs=[16], r_max=8, num_slots=2, k=2,
-                   base_only_frac=1.0, device=device)
+    b = make_batch(
+        tokens=tokens,
+        in_features=32,
+        outs=[16],
+        r_max=8,
+        num_slots=2,
+        k=2,
+        base_only_frac=1.0,
+        device=device,
+    )
     meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, device)
     assert meta.num_active == 0 and meta.num_tiles == 0
     y = b.y.clone()
@@ -106,8 +187,18 @@ def test_empty_and_base_only(device: torch.device, tokens: int) -> None:
 def test_llama_shapes_bf16() -> None:
     """Full-size bf16 projections (4096 -> 4096 and fused qkv) at decode and prefill sizes."""
     for tokens, outs, k in [(3, [4096], 1), (256, [4096, 1024, 1024], 2), (1100, [11008], 1)]:
-        b = make_batch(tokens=tokens, in_features=4096, outs=outs, r_max=16, num_slots=16,
-                       k=k, popularity="zipf", dtype=torch.bfloat16, device="cuda", seed=tokens)
+        b = make_batch(
+            tokens=tokens,
+            in_features=4096,
+            outs=outs,
+            r_max=16,
+            num_slots=16,
+            k=k,
+            popularity="zipf",
+            dtype=torch.bfloat16,
+            device="cuda",
+            seed=tokens,
+        )
         _run(b, torch.device("cuda"), torch.bfloat16)
 
 
@@ -115,8 +206,17 @@ def test_llama_shapes_bf16() -> None:
 def test_cuda_graph_capture_and_replay() -> None:
     """add_lora captures in a CUDA graph and replays with a new plan of the same shape."""
     dev = torch.device("cuda")
-    b = make_batch(tokens=32, in_features=512, outs=[256, 128], r_max=16, num_slots=8, k=2,
-                   dtype=torch.bfloat16, device=dev, seed=11)
+    b = make_batch(
+        tokens=32,
+        in_features=512,
+        outs=[256, 128],
+        r_max=16,
+        num_slots=8,
+        k=2,
+        dtype=torch.bfloat16,
+        device=dev,
+        seed=11,
+    )
     meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, dev, pad_tiles_to=32)
     y = b.y.clone()
     add_lora(y, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)  # compile outside capture
@@ -125,11 +225,28 @@ def test_cuda_graph_capture_and_replay() -> None:
     with torch.cuda.graph(graph):
         add_lora(y, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
     # New plan, copied into the captured meta's buffers, then replayed.
-    new = make_batch(tokens=32, in_features=512, outs=[256, 128], r_max=16, num_slots=8, k=2,
-                     popularity="zipf", dtype=torch.bfloat16, device=dev, seed=12)
+    new = make_batch(
+        tokens=32,
+        in_features=512,
+        outs=[256, 128],
+        r_max=16,
+        num_slots=8,
+        k=2,
+        popularity="zipf",
+        dtype=torch.bfloat16,
+        device=dev,
+        seed=12,
+    )
     meta2 = build_lora_meta(new.token_slots, new.token_weights, 8, dev, pad_tiles_to=32)
-    for name in ("token_slots", "token_weights", "sorted_tokens", "sorted_weights",
-                 "tile_start", "tile_len", "tile_slots"):
+    for name in (
+        "token_slots",
+        "token_weights",
+        "sorted_tokens",
+        "sorted_weights",
+        "tile_start",
+        "tile_len",
+        "tile_slots",
+    ):
         getattr(meta, name).copy_(getattr(meta2, name))
     y.copy_(b.y)
     graph.replay()

@@ -29,7 +29,8 @@ def test_config_file_schema(path) -> None:
 
 def test_lookup_takes_smallest_bucket_then_nearest_dim() -> None:
     entries = [
-        {"max_tokens": 16, "dim": 4096, "v": 1}, {"max_tokens": 16, "dim": 11008, "v": 2},
+        {"max_tokens": 16, "dim": 4096, "v": 1},
+        {"max_tokens": 16, "dim": 11008, "v": 2},
         {"max_tokens": 256, "dim": 4096, "v": 3},
     ]
     assert _pick(entries, 1, 4096)["v"] == 1

@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import (
-    add_lora_ref, build_lora_meta, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref,
-)
 from kernels_assert import assert_close
 from kernels_cases import make_batch
+
+from kernels import (
+    add_lora_ref,
+    build_lora_meta,
+    lora_expand,
+    lora_expand_ref,
+    lora_shrink,
+    lora_shrink_ref,
+)
 
 
 def test_add_lora_ref_matches_dense_delta_weights() -> None:
     """y += sum_k w * x @ (scale * B[:, :r] @ A[:r]).T, in float64, the merged-weight view."""
-    b = make_batch(tokens=13, in_features=24, outs=[10, 6], r_max=8, num_slots=4, k=3,
-                   mixed_ranks=(0, 2, 8), dtype=torch.float64, seed=4)
+    b = make_batch(
+        tokens=13,
+        in_features=24,
+        outs=[10, 6],
+        r_max=8,
+        num_slots=4,
+        k=3,
+        mixed_ranks=(0, 2, 8),
+        dtype=torch.float64,
+        seed=4,
+    )
     meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, torch.device("cpu"))
     y = b.y.clone()
     add_lora_ref(y, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
@@ -23,8 +37,7 @@ def test_add_lora_ref_matches_dense_delta_weights() -> None:
     for s, (a, bb) in enumerate(zip(b.lora_a, b.lora_b, strict=True)):
         cols = slice(sum(x.shape[1] for x in b.lora_b[:s]), None)
         for t in range(13):
-            for slot, w in zip(b.token_slots[t].tolist(), b.token_weights[t].tolist(),
-                               strict=True):
+            for slot, w in zip(b.token_slots[t].tolist(), b.token_weights[t].tolist(), strict=True):
                 if slot < 0:
                     continue
                 r = int(b.ranks[s, slot])
@@ -42,8 +55,18 @@ def test_refs_of_empty_batch_do_nothing() -> None:
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_shrink_and_expand_stages(device: torch.device, k: int) -> None:
-    b = make_batch(tokens=17, in_features=48, outs=[20, 12, 12], r_max=16, num_slots=5, k=k,
-                   mixed_ranks=(4, 16), dtype=torch.float32, device=device, seed=9)
+    b = make_batch(
+        tokens=17,
+        in_features=48,
+        outs=[20, 12, 12],
+        r_max=16,
+        num_slots=5,
+        k=k,
+        mixed_ranks=(4, 16),
+        dtype=torch.float32,
+        device=device,
+        seed=9,
+    )
     meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, device)
     h = lora_shrink(b.x, b.lora_a, b.ranks, meta)
     h_ref = lora_shrink_ref(b.x, b.lora_a, b.ranks, meta)

@@ -1,0 +1,167 @@
+"""Benchmark of the LoRA kernels against the base projection and two torch baselines.
+
+    python bench/kernels_bench.py [--out results.jsonl] [--quick]
+
+Prints one JSON line per case, then a summary table. Cases: Llama-2-7B projections
+(4096->4096, 4096->11008), bf16, rank 16, tokens {1,16,64,256,1024,4096} x distinct adapters
+{1,8,64} (capped at the token count), K=1 and K=2 adapters per token. Times are medians of
+triton.testing.do_bench (L2 flushed before every call), all measured in the same run:
+
+- base_ms: the base projection (cuBLAS, F.linear) that the delta rides on;
+- delta_ms: add_lora (shrink + expand), eager; delta_graph_ms: the same replayed from a CUDA
+  graph (what a graph-captured decode step pays); shrink_ms / expand_ms: each kernel alone;
+- gather_bmm_ms and loop_ms: torch baselines (gather A/B per token + bmm; one sub-batch per
+  adapter, PEFT style), K=1 only;
+- bytes: x read + y read and written + the distinct adapters' A and B; bound_ms: bytes over the
+  device-to-device copy bandwidth measured in this run (read + write counted).
+Never asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import add_lora, build_lora_meta, lora_expand, lora_shrink  # noqa: E402
+from kernels._bench import (  # noqa: E402
+    ADAPTERS,
+    SHAPES,
+    TOKENS,
+    baseline_inputs,
+    bench_ms,
+    copy_bandwidth_gbps,
+    gather_bmm,
+    graph_ms,
+    lora_bytes,
+    make_problem,
+    per_adapter_loop,
+)
+
+
+def run_case(
+    in_f: int, out_f: int, t: int, d: int, k: int, base_ms: float, bw: float, head: dict, rep: int
+) -> dict:
+    p = make_problem(t, in_f, out_f, adapters=d, k=k, seed=t + d + k)
+    meta = build_lora_meta(p.slots, p.weights, 64)
+    lora = ([p.a], [p.b], p.ranks, p.scales, meta)
+
+    # correctness: the delta against a float32 torch formula of the same plan
+    y_check = torch.zeros_like(p.y)
+    add_lora(y_check, p.x, *lora)
+    delta = y_check.float()
+    expect = torch.zeros_like(delta)
+    for j in range(k):
+        idx = meta.token_slots[:, j].long()
+        w = meta.token_weights[:, j] * p.scales[0, idx.clamp_min(0)] * (idx >= 0)
+        expect += w[:, None] * _pair(p, idx)
+    rel = float((delta - expect).norm() / expect.norm().clamp_min(1e-20))
+
+    out = {
+        **head,
+        "in": in_f,
+        "out": out_f,
+        "rank": 16,
+        "tokens": t,
+        "adapters": p.adapters,
+        "k": k,
+        "dtype": "bf16",
+        "block_m": meta.block_m,
+        "rel_err": rel,
+        "base_ms": base_ms,
+    }
+    out["delta_ms"] = bench_ms(lambda: add_lora(p.y, p.x, *lora), rep=rep)
+    out["delta_graph_ms"] = graph_ms(lambda: add_lora(p.y, p.x, *lora), rep=rep)
+    h = lora_shrink(p.x, [p.a], p.ranks, meta)
+    out["shrink_ms"] = bench_ms(lambda: lora_shrink(p.x, [p.a], p.ranks, meta), rep=rep)
+    out["expand_ms"] = bench_ms(
+        lambda: lora_expand(p.y, h, [p.b], p.ranks, p.scales, meta), rep=rep
+    )
+    if k == 1:
+        idx, scale, groups = baseline_inputs(p)
+        out["gather_bmm_ms"] = bench_ms(lambda: gather_bmm(p, idx, scale), rep=rep)
+        out["loop_ms"] = bench_ms(lambda: per_adapter_loop(p, groups), rep=rep)
+    nbytes = lora_bytes(p, k)
+    out["bytes"] = nbytes
+    out["bound_ms"] = nbytes / bw / 1e6
+    out["ratio_base"] = out["delta_ms"] / base_ms
+    out["ratio_base_graph"] = out["delta_graph_ms"] / base_ms
+    out["ratio_bound"] = out["delta_ms"] / out["bound_ms"]
+    out["GBps"] = nbytes / out["delta_ms"] / 1e6
+    if k == 1:
+        out["gather_bmm_ratio"] = out["gather_bmm_ms"] / base_ms
+        out["loop_ratio"] = out["loop_ms"] / base_ms
+    return out
+
+
+def _pair(p, idx: torch.Tensor) -> torch.Tensor:
+    """float32 delta of one adapter per token: (x[t] @ A[idx[t]].T) @ B[idx[t]].T."""
+    safe = idx.clamp_min(0)
+    h = torch.einsum("ti,tri->tr", p.x.float(), p.a[safe].float())
+    return torch.einsum("tr,tor->to", h, p.b[safe].float())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="also write the JSON lines here")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = ap.parse_args()
+    rep = 20 if args.quick else 100
+    head = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    bw = copy_bandwidth_gbps()
+    lines = [{**head, "case": "copy_bandwidth", "GBps": bw}]
+    print(json.dumps(lines[-1]), flush=True)
+    for in_f, out_f in SHAPES:
+        w = torch.randn(out_f, in_f, device="cuda").to(torch.bfloat16)
+        for t in TOKENS:
+            x = torch.randn(t, in_f, device="cuda").to(torch.bfloat16)
+            base_ms = bench_ms(lambda x=x, w=w: F.linear(x, w), rep=rep)
+            for k in (1, 2):
+                for d in sorted({min(d, t * k) for d in ADAPTERS}):
+                    if k > d:
+                        continue
+                    lines.append(
+                        run_case(
+                            in_f, out_f, t, d, k, base_ms, bw, {**head, "case": "lora_delta"}, rep
+                        )
+                    )
+                    print(json.dumps(lines[-1]), flush=True)
+    if args.out:
+        args.out.write_text("".join(json.dumps(v) + "\n" for v in lines))
+    summary(lines)
+
+
+def summary(lines: list[dict]) -> None:
+    k1 = {(v["out"], v["tokens"], v["adapters"]): v for v in lines if v.get("k") == 1}
+    print(f"\ncopy bandwidth {lines[0]['GBps']:.0f} GB/s; ratios are multiples of base_ms")
+    print(
+        f"{'out':>5} {'T':>4} {'D':>2} {'K':>1} {'base_us':>7} {'delta_us':>8} {'graph_us':>8} "
+        f"{'/base':>6} {'/bnd':>5} {'GB/s':>5} {'gath':>6} {'loop':>6} {'K2/K1':>5} {'err':>7}"
+    )
+    for v in lines[1:]:
+        one = k1.get((v["out"], v["tokens"], v["adapters"]))
+        k2 = v["delta_ms"] / one["delta_ms"] if v["k"] == 2 and one else float("nan")
+        print(
+            f"{v['out']:>5} {v['tokens']:>4} {v['adapters']:>2} {v['k']:>1} "
+            f"{v['base_ms'] * 1e3:7.1f} {v['delta_ms'] * 1e3:8.1f} "
+            f"{v['delta_graph_ms'] * 1e3:8.1f} {v['ratio_base']:6.2f} {v['ratio_bound']:5.2f} "
+            f"{v['GBps']:5.0f} {v.get('gather_bmm_ratio', float('nan')):6.2f} "
+            f"{v.get('loop_ratio', float('nan')):6.1f} {k2:5.2f} {v['rel_err']:7.1e}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything the kernels need from a GPU, in one call of the device tool (from the repo root):
+#   bash bench/kernels_gpu_tests.sh            # gpu tests, tuning sweep, benchmark
+#   SKIP_TUNE=1 bash bench/kernels_gpu_tests.sh  # keep the committed kernels/configs/*.json
+# Logs and results go to $OUT (the device tool's output folder) or /tmp/kernels_out.
+set -uo pipefail
+OUT=${OUT:-/tmp/kernels_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu \
+  --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+# --confcutdir: the project's tests/conftest.py needs the services' packages, not installed here.
+python3 -m pytest tests/kernels -m gpu -q --confcutdir=tests/kernels -p no:cacheprovider \
+  -W ignore::pytest.PytestConfigWarning 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
+if [ "${SKIP_TUNE:-0}" != 1 ]; then
+  python3 -m kernels.tune > "$OUT/tune.jsonl" && cp kernels/configs/NVIDIA*.json "$OUT/"
+  grep '"best"\|written' "$OUT/tune.jsonl"
+fi
+python3 bench/kernels_bench.py --out "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1
+status=$?
+grep -v '^{' "$OUT/bench.log"
+exit $status

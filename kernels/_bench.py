@@ -1,0 +1,136 @@
+"""Inputs and timers shared by the tuner (``python -m kernels.tune``) and the benchmark
+(``bench/kernels_bench.py``): Llama-style projections, adapter plans, torch baselines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton.testing
+
+# Llama-2-7B projections (in, out): attention (q/k/v/o) and MLP gate/up.
+SHAPES = [(4096, 4096), (4096, 11008)]
+TOKENS = [1, 16, 64, 256, 1024, 4096]
+ADAPTERS = [1, 8, 64]
+
+
+@dataclass
+class Problem:
+    x: torch.Tensor  # [T, in]
+    y: torch.Tensor  # [T, out]
+    a: torch.Tensor  # [slots, r, in]
+    b: torch.Tensor  # [slots, out, r]
+    ranks: torch.Tensor  # [1, slots] int32
+    scales: torch.Tensor  # [1, slots] float32
+    slots: torch.Tensor  # [T, K] int32 (CPU)
+    weights: torch.Tensor  # [T, K] float32 (CPU)
+    adapters: int  # distinct adapters actually used
+
+
+def make_problem(
+    tokens: int,
+    in_f: int,
+    out_f: int,
+    *,
+    rank: int = 16,
+    adapters: int = 8,
+    k: int = 1,
+    num_slots: int = 64,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    device: str = "cuda",
+) -> Problem:
+    """Every one of ``min(adapters, T*K)`` adapters used; tokens shuffled (the builder sorts)."""
+    g = torch.Generator().manual_seed(seed)
+    d = max(1, min(adapters, tokens * k, num_slots))
+    pick = torch.randperm(num_slots, generator=g)[:d]
+    if k == 1:
+        col = torch.arange(tokens) % d
+        slots = pick[col[torch.randperm(tokens, generator=g)]].view(tokens, 1)
+    else:  # K distinct adapters per token (needs d >= k), all d in use
+        rows = [torch.randperm(d, generator=g)[:k] for _ in range(tokens)]
+        slots = pick[torch.stack(rows)]
+        slots[: min(tokens, d), 0] = pick[: min(tokens, d)]
+        slots[: min(tokens, d), 1:] = pick[
+            (torch.arange(min(tokens, d))[:, None] + torch.arange(1, k)) % d
+        ]
+    weights = torch.rand(tokens, k, generator=g) + 0.5
+    weights = weights / weights.sum(1, keepdim=True)
+
+    def rnd(*shape: int, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(dtype).to(device)
+
+    return Problem(
+        x=rnd(tokens, in_f, std=1.0),
+        y=rnd(tokens, out_f, std=1.0),
+        a=rnd(num_slots, rank, in_f, std=in_f**-0.5),
+        b=rnd(num_slots, out_f, rank, std=0.02),
+        ranks=torch.full((1, num_slots), rank, dtype=torch.int32, device=device),
+        scales=torch.full((1, num_slots), 2.0, device=device),
+        slots=slots.to(torch.int32),
+        weights=weights,
+        adapters=d,
+    )
+
+
+def bench_ms(fn, *, warmup: int = 25, rep: int = 100) -> float:
+    """Median time of fn (ms), L2 flushed before every call (triton.testing.do_bench)."""
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def graph_ms(fn, *, rep: int = 100) -> float:
+    """Median time of a CUDA-graph replay of fn (no launch overhead), L2 flushed."""
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay, rep=rep)
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6
+
+
+def gather_bmm(p: Problem, idx: torch.Tensor, scale: torch.Tensor) -> None:
+    """Baseline: gather each token's A and B, two bmm (K=1)."""
+    a, b = p.a[idx], p.b[idx]  # [T, r, in], [T, out, r]
+    h = torch.bmm(p.x.unsqueeze(1), a.transpose(1, 2))
+    p.y += torch.bmm(h, b.transpose(1, 2)).squeeze(1) * scale[:, None]
+
+
+def per_adapter_loop(p: Problem, groups: list[tuple[int, torch.Tensor]]) -> None:
+    """Baseline (PEFT style): one sub-batch per adapter, index_add back (K=1)."""
+    for slot, rows, scale in groups:
+        xs = p.x.index_select(0, rows)
+        d = (xs @ p.a[slot].T) @ p.b[slot].T * scale
+        p.y.index_add_(0, rows, d)
+
+
+def baseline_inputs(p: Problem) -> tuple[torch.Tensor, torch.Tensor, list]:
+    idx = p.slots[:, 0].to(p.x.device).long()
+    scale = (p.scales[0, idx] * p.weights[:, 0].to(p.x.device)).to(p.x.dtype)
+    groups = [
+        (
+            int(s),
+            (p.slots[:, 0] == s).nonzero()[:, 0].to(p.x.device),
+            float(p.scales[0, s]) * float(p.weights[0, 0]),
+        )  # python floats, as PEFT
+        for s in p.slots[:, 0].unique().tolist()
+    ]
+    return idx, scale, groups
+
+
+def lora_bytes(p: Problem, k: int = 1) -> int:
+    """Fewest bytes: x read, y read and written, the distinct adapters' A and B."""
+    t, in_f = p.x.shape
+    out_f, r, e = p.y.shape[1], p.a.shape[1], p.x.element_size()
+    return e * (t * in_f + 2 * t * out_f + p.adapters * r * (in_f + out_f))
