@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -14,3 +16,74 @@ class RetrieverSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = DEFAULT_RETRIEVER_PORT
     common: CommonSettings = Field(default_factory=CommonSettings)
+
+    # Embedding.
+    instruction_prefix: str = Field("", description="Prepended to prompts and sample inputs.")
+    embedding_cache_size: int = Field(4096, description="LRU cache of prompt embeddings.")
+
+    # Request limits.
+    max_prompts: int = Field(256, description="Prompts per Retrieve call.")
+    max_prompt_chars: int = Field(
+        100_000,
+        description="Longer prompts are refused; prompts over the model's window are "
+        "truncated (and reported) below this.",
+    )
+    max_top_k: int = Field(64, description="Cap on top_k / top_n.")
+    max_mixture_adapters: int = Field(
+        4, description="MIXTURE plans are capped by the executor's adapters-per-token (kernels K)."
+    )
+
+    # Defaults of a Retrieve request's zero-valued fields.
+    default_top_k: int = 3
+    default_strategy: Literal["SELECTION", "MIXTURE", "FUSION", "GATE"] = "MIXTURE"
+    default_scoring: Literal["CENTROID", "NEAREST_SAMPLE", "COMBINED"] = "CENTROID"
+    default_weighting: Literal["SOFTMAX", "UNIFORM"] = "SOFTMAX"
+    default_temperature: float = Field(0.05, description="Softmax temperature over cosine scores.")
+    default_min_score: float = Field(
+        0.1, description="Below this best score the plan is the base model."
+    )
+    default_top_n: int = Field(10, description="Explain's default number of candidates.")
+    gate_id: str = Field("", description="Trained gate used by GATE plans (a TrainGate result).")
+
+    # Scoring.
+    centroid_weight: float = Field(
+        0.7, description="COMBINED = w * centroid + (1 - w) * nearest-sample score."
+    )
+    nearest_samples: int = Field(
+        1, description="Nearest-sample score = mean similarity of the adapter's m best samples."
+    )
+    candidate_factor: int = Field(
+        4, description="Centroid candidates fetched per prompt = factor * k (re-ranked after)."
+    )
+    samples_per_candidate: int = Field(
+        20, description="Sample points fetched per prompt = this * centroid candidates."
+    )
+
+    # Routing.
+    stats_ttl_s: float = Field(0.2, description="How long an executor's GetStats is reused.")
+    stats_timeout_s: float = Field(0.5, description="Deadline of one GetStats call.")
+    route_load_slack: int = Field(
+        8,
+        description="A replica with the adapters resident wins unless its load exceeds the "
+        "least loaded replica's by more than this (then work moves off it).",
+    )
+    base_model_ttl_s: float = Field(30.0, description="How long a base-model check is cached.")
+
+    # TrainRetriever defaults (a request's zero fields). 1 epoch of batch 32 on the 48-task
+    # pool: 24 steps, about 2 minutes on 2 CPU cores (docs/benchmarks.md).
+    train_epochs: int = 1
+    train_batch_size: int = 32
+    train_learning_rate: float = 5e-5
+    train_holdout_fraction: float = 0.2
+    train_max_seq_length: int = 128
+    train_max_steps: int = Field(0, description="Cap on optimizer steps; 0 = none.")
+    train_min_gain: float = Field(
+        0.0,
+        description="The new model must beat the current one's held-out top-1 by this much "
+        "(0: must not do worse) to be switched in.",
+    )
+
+    # Embedded Celery worker (one-machine default: no qdrant_url).
+    embedded_worker: bool = Field(
+        True, description="Host the ingest/train Celery worker when Qdrant is in local mode."
+    )
