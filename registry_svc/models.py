@@ -104,7 +104,7 @@ class BaseModelRow(Base):
 class JobRow(Base):
     __tablename__ = "jobs"
 
-    job_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16))
     progress: Mapped[float] = mapped_column(Float, default=0.0)

@@ -44,6 +44,15 @@ class RegistrySettings(BaseSettings):
     # Test-only: sleep this long inside the ingestion task (to kill a worker mid-task).
     test_ingest_delay_s: float = 0.0
 
+    # Maintenance loop of the registry process: re-send stalled ingestions, prune, collect.
+    maintenance_interval_s: float = 30.0
+    ingest_stall_s: float = Field(
+        300.0, description="Re-send ingestion of a record that has not moved for this long."
+    )
+    blob_gc_grace_s: float = Field(
+        3600.0, description="Orphan blobs younger than this are kept (a push may be mid-commit)."
+    )
+
     # Watch streams poll the change log this often (the writer may be another process).
     watch_poll_interval_s: float = 0.15
     # Change-log rows older than this are pruned.
