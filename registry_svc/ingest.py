@@ -15,9 +15,12 @@ import logging
 import time
 from pathlib import Path
 
+from qdrant_client import QdrantClient
+
 from loraserve import vectors as V
-from loraserve.embedding import shared_embedder
+from loraserve.embedding import Embedder, shared_embedder
 from loraserve.errors import InvalidArgument
+from loraserve.settings import CommonSettings
 from registry_svc import jobs
 from registry_svc.basemodels import get_base_model
 from registry_svc.blobstore import BlobStore
@@ -80,12 +83,10 @@ def run_ingest(settings: RegistrySettings, adapter_id: str, version: int, job_id
     if transition(db, row.pk, EMBEDDING, expect=ACTIVE) is None:
         return "raced"
     _job(db, job_id, jobs.RUNNING, "embedding sample inputs", progress=0.4)
-    embedder = shared_embedder(common.embedding_model or None)
+    client = V.open_qdrant(common)
+    collection, embedder = target_index(common, client)
     vectors = embedder.embed(list(row.sample_inputs)).vectors
     _job(db, job_id, jobs.RUNNING, "writing vectors", progress=0.7)
-    client = V.open_qdrant(common)
-    collection = V.collection_name(embedder.model_id)
-    prepare_collection(client, collection, embedder.dim)
     upsert_adapter(
         client,
         collection,
@@ -109,6 +110,20 @@ def run_ingest(settings: RegistrySettings, adapter_id: str, version: int, job_id
     _job(db, job_id, jobs.SUCCEEDED, "READY", progress=1.0)
     log.info("adapter ready", extra={"adapter_id": adapter_id, "version": version})
     return "ready"
+
+
+def target_index(common: CommonSettings, client: QdrantClient) -> tuple[str, Embedder]:
+    """The collection to write to and the model that embeds for it: the active collection
+    with the model its metadata names (a retrained one), else — first ingestion — the default
+    model's collection, which becomes active."""
+    active = V.active_collection(client)
+    if active is None:
+        embedder = shared_embedder(common.embedding_model or None)
+        name = V.collection_name(embedder.model_id)
+        prepare_collection(client, name, embedder.dim)
+        return name, embedder
+    _, model_dir = V.collection_model(client, active)
+    return active, shared_embedder(model_dir or common.embedding_model or None)
 
 
 def fail_ingest(
