@@ -25,7 +25,7 @@ from executor_svc.adapters.refs import AdapterKey
 from executor_svc.adapters.registry_client import RegistrySource
 from loraserve import vectors as V
 from loraserve.api.v1 import common_pb2, executor_pb2, registry_pb2, registry_pb2_grpc
-from loraserve.errors import NotFound
+from loraserve.errors import NotFound, Unavailable
 from loraserve.server import GrpcServer, ServiceRegistration
 from loraserve.settings import CommonSettings
 from loraserve.upload import iter_push_requests
@@ -82,8 +82,9 @@ async def push(stub, adapter_id: str, adapter_dir: Path) -> common_pb2.Adapter:
 class FlakyRelay(registry_pb2_grpc.RegistryServiceServicer):
     """Forwards to the real registry; cuts each file's first download after one chunk."""
 
-    def __init__(self, target: registry_pb2_grpc.RegistryServiceStub):
+    def __init__(self, target: registry_pb2_grpc.RegistryServiceStub, corrupt: bool = False):
         self.target = target
+        self.corrupt = corrupt  # flip a byte of every chunk instead of cutting streams
         self.cut: set[str] = set()
         self.requests: list[tuple[str, int]] = []
 
@@ -100,6 +101,12 @@ class FlakyRelay(registry_pb2_grpc.RegistryServiceServicer):
         self.requests.append((request.file_name, request.offset))
         chunks = 0
         async for msg in self.target.DownloadAdapter(request):
+            if self.corrupt and msg.HasField("chunk"):
+                data = bytearray(msg.chunk.data)
+                data[0] ^= 0xFF
+                msg.chunk.data = bytes(data)
+                yield msg
+                continue
             yield msg
             chunks += msg.HasField("chunk")
             if chunks == 1 and request.file_name not in self.cut:
@@ -114,7 +121,9 @@ async def test_executor_downloads_from_registry_and_matches_local(
     other = adapter_factory("reg-a-v2", rank=4, seed=12, init_scale=0.2)
     async with registry(tmp_path, tiny_model_dir) as (address, reg):
         await push(reg, "reg-a", v1)
-        remote = executor_settings(tiny_model_dir, tmp_path / "exec-data", use_registry=True)
+        remote = executor_settings(
+            tiny_model_dir, tmp_path / "exec-data", use_registry=True, latest_version_ttl_s=0.2
+        )
         remote.common.registry_address = address
         local = executor_settings(
             tiny_model_dir, tmp_path / "local-data", adapter_dir=str(v1.parent)
@@ -142,14 +151,15 @@ async def test_executor_downloads_from_registry_and_matches_local(
 
             # A new READY version: version 0 follows it once the "latest" cache expires.
             await push(reg, "reg-a", other)
-            pinned = await stub.Generate(
+            await asyncio.sleep(remote.latest_version_ttl_s)
+            latest = await stub.Generate(
                 executor_pb2.GenerateRequest(
                     prompt="hi",
-                    plan=plan(("reg-a", 1.0), version=2),
+                    plan=plan(("reg-a", 1.0)),
                     sampling=common_pb2.SamplingParams(max_tokens=2),
                 )
             )
-            assert pinned.finish_reason != 0
+            assert latest.finish_reason != 0
             listed = await stub.ListResidentAdapters(executor_pb2.ListResidentAdaptersRequest())
             assert {(a.adapter_id, a.version) for a in listed.adapters} >= {
                 ("reg-a", 1),
@@ -201,3 +211,35 @@ async def test_broken_download_stream_resumes_by_offset(tmp_path, tiny_model_dir
             ("adapter_model.safetensors", 1024),
         ]
         assert not list((tmp_path / "cache" / "blobs").glob("*.part"))
+
+
+async def test_corrupted_download_is_refused_and_leaves_nothing(
+    tmp_path, tiny_model_dir, adapter_factory
+):
+    src = adapter_factory("reg-c", rank=2, seed=6)
+    async with registry(tmp_path, tiny_model_dir) as (address, reg):
+        await push(reg, "reg-c", src)
+        async with grpc.aio.insecure_channel(address) as channel:
+            relay = FlakyRelay(registry_pb2_grpc.RegistryServiceStub(channel), corrupt=True)
+            proxy = GrpcServer(
+                "corrupting-registry",
+                [
+                    ServiceRegistration(
+                        registry_pb2_grpc.add_RegistryServiceServicer_to_server,
+                        relay,
+                        "loraserve.api.v1.RegistryService",
+                    )
+                ],
+            )
+            await proxy.start()
+            source = RegistrySource(proxy.address, tmp_path / "cache")
+            try:
+                with pytest.raises(Unavailable) as info:
+                    await source.fetch(await source.resolve("reg-c", 1))
+                assert "sha256" in info.value.message
+            finally:
+                await source.close()
+                await proxy.stop(grace=0.1)
+        cache = tmp_path / "cache"
+        assert not list(cache.rglob("*.part")) and not list((cache / "blobs").iterdir())
+        assert not (cache / "adapters").exists()
