@@ -204,6 +204,11 @@ class Engine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room under max_model_len "
                              f"{self.max_model_len}")
+        need = self.blocks.blocks_for(min(len(ids) + request.sampling.max_tokens,
+                                          self.max_model_len))
+        if need > self.blocks.num_usable:
+            raise ValueError(f"request needs {need} KV blocks; the cache has "
+                             f"{self.blocks.num_usable}")
         if len(request.adapters) > 4:
             raise ValueError("at most 4 adapters per request")
         for slot, _ in request.adapters:

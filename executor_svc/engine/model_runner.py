@@ -118,7 +118,7 @@ class ModelRunner:
         if plan is not None:
             ctx.lora = build_lora_meta(torch.from_numpy(plan[0]), torch.from_numpy(plan[1]),
                                        self.model.num_slots, self.device)
-        return self._t(np.asarray(ids, np.int64)), ctx, self._t(np.asarray(logits_idx))
+        return self._t(np.asarray(ids, np.int64)), ctx, self._t(np.asarray(logits_idx, np.int64))
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
