@@ -20,7 +20,7 @@ import uuid
 
 import grpc
 
-from executor_svc.adapters.refs import AdapterKey, Key
+from executor_svc.adapters.refs import Key
 from executor_svc.engine.types import TokenEvent
 from executor_svc.runtime import ExecutorRuntime
 from executor_svc.settings import ExecutorSettings
@@ -120,13 +120,12 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         rt = await self._ready(context)
         ref = _check_ref(request.adapter)
         assert rt.store is not None and rt.slots is not None
-        # Version 0 = every resident version of the adapter (no registry call needed).
+        # Version 0 = every resident version of the adapter (no registry call needed); a fused
+        # adapter is named by its "fusion-..." id from ListResidentAdapters.
         keys = [
             k
             for k in _resident_keys(rt)
-            if isinstance(k, AdapterKey)
-            and k.adapter_id == ref.adapter_id
-            and (ref.version in (0, k.version))
+            if k.adapter_id == ref.adapter_id and ref.version in (0, k.version)
         ]
         if not keys:
             raise NotFound(
