@@ -1,0 +1,92 @@
+"""TrainRetriever end to end: JobService -> Celery (queue train) -> fine-tune -> switch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from retriever_fixtures import BASE, QUERIES, SAMPLES, Stack, retriever_stack
+
+from loraserve import vectors as V
+from loraserve.api.v1 import jobs_pb2, retriever_pb2
+
+TASKS = ("sentiment", "translation", "arithmetic", "sql", "poetry")
+
+
+@pytest.fixture(autouse=True)
+def short_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few optimizer steps: the job's path is under test here, not the model's quality."""
+    monkeypatch.setenv("LORASERVE_RETRIEVER_TRAIN_MAX_STEPS", "3")
+
+
+async def push_tasks(st: Stack, adapters, tasks=TASKS) -> None:
+    for i, task in enumerate(tasks):
+        await st.push(task, adapters[i], SAMPLES[task], domain=task)
+
+
+async def train(st: Stack, **kw) -> tuple[jobs_pb2.Job, list[jobs_pb2.Job]]:
+    resp = await st.jobs.TrainRetriever(
+        jobs_pb2.TrainRetrieverRequest(base_model=kw.pop("base_model", BASE), **kw)
+    )
+    assert resp.job.kind == jobs_pb2.JOB_KIND_TRAIN_RETRIEVER
+    return await st.wait_job(resp.job.job_id)
+
+
+async def retrieve(st: Stack, prompts: list[str]) -> retriever_pb2.RetrieveResponse:
+    return await st.retriever.Retrieve(
+        retriever_pb2.RetrieveRequest(prompts=prompts, base_model=BASE)
+    )
+
+
+async def test_train_retriever_switches_collections(tmp_path, tiny_model_dir, tiny_adapters):
+    async with retriever_stack(tmp_path, tiny_model_dir) as st:
+        await push_tasks(st, tiny_adapters)
+        before = await retrieve(st, list(QUERIES.values()))
+        client = V.open_qdrant(st.common)
+        old = V.active_collection(client)
+
+        job, updates = await train(st, epochs=1, batch_size=4, seed=3)
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.message
+        progress = [u.progress for u in updates]
+        assert progress == sorted(progress) and progress[-1] == 1.0 and len(updates) >= 3
+        assert job.metrics["steps"] == 3 and job.metrics["heldout_samples"] == len(TASKS)
+        assert job.metrics["heldout_top1_after"] >= job.metrics["heldout_top1_before"]
+
+        new = job.result
+        assert V.active_collection(client) == new != old
+        model_id, model_dir = V.collection_model(client, new)
+        assert model_id and Path(model_dir).is_dir()
+        assert client.count(new).count == client.count(old).count  # every point re-embedded
+        index = json.loads((st.common.data_dir / "models" / "index.json").read_text())
+        assert index[new]["previous"] == old and index[new]["job_id"] == job.job_id
+
+        # The running retriever follows the alias and embeds with the new model.
+        after = await retrieve(st, list(QUERIES.values()))
+        assert after.embedding_model == model_id != before.embedding_model
+        assert [p.candidates[0].adapter_id for p in after.plans] == list(QUERIES)
+
+
+async def test_failing_heldout_check_keeps_the_old_collection(
+    tmp_path, tiny_model_dir, tiny_adapters, monkeypatch
+):
+    async with retriever_stack(tmp_path, tiny_model_dir) as st:
+        # Too small a pool is refused with its reason.
+        job, _ = await train(st)
+        assert job.state == jobs_pb2.JOB_STATE_FAILED and "at least 2" in job.message
+
+        await push_tasks(st, tiny_adapters, TASKS[:3])
+        client = V.open_qdrant(st.common)
+        old = V.active_collection(client)
+        collections = {c.name for c in client.get_collections().collections}
+        # Demand an improvement no model can reach: the held-out check must refuse.
+        monkeypatch.setenv("LORASERVE_RETRIEVER_TRAIN_MIN_GAIN", "2.0")
+        job, _ = await train(st, epochs=1)
+        assert job.state == jobs_pb2.JOB_STATE_FAILED
+        assert "held-out top-1" in job.message and old in job.message
+        assert "heldout_top1_after" in job.metrics
+        assert V.active_collection(client) == old
+        assert {c.name for c in client.get_collections().collections} == collections
+        assert not any((st.common.data_dir / "models").glob("retriever-ft-*"))
+        resp = await retrieve(st, [QUERIES["sql"]])
+        assert not resp.embedding_model.startswith("retriever-ft-")
