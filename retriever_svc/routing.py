@@ -1,7 +1,8 @@
 """Route: pick the executor replica for a plan by adapter residency and load (dLoRA dispatch).
 
 Each replica's ``GetStats`` is fetched concurrently (deadline ``stats_timeout_s``) and reused
-for ``stats_ttl_s``. Choice, for the replicas that answered and serve the plan's base model:
+for ``stats_ttl_s``. Choice, among the replicas that answered and report the plan's base model
+(all that answered when none does: executors name their model after its directory):
 
     load(r)     = queue_depth + running_requests
     resident(r) = how many of the plan's adapters r holds (GPU or host)
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from loraserve.api.v1 import common_pb2, executor_pb2, executor_pb2_grpc
-from loraserve.errors import FailedPrecondition, Unavailable
+from loraserve.errors import Unavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,15 +117,17 @@ class Router:
                 f"no executor replica answered GetStats ({detail})",
                 metadata={a: e[:200] for a, e in errors.items()},
             )
-        serving = [
-            r for r in stats if not base_model or not r.base_model or r.base_model == base_model
-        ]
-        if not serving:
-            served = ", ".join(sorted({f"{r.replica_id}={r.base_model}" for r in stats}))
-            raise FailedPrecondition(
-                f"no executor replica serves base model {base_model!r} (replicas: {served})"
-            )
-        return choose_replica(serving, plan, slack=self._slack)
+        serving = [r for r in stats if r.base_model == base_model]
+        if serving or not base_model:
+            return choose_replica(serving or stats, plan, slack=self._slack)
+        # Executors name their model after its directory, which need not be the registry's base
+        # model id: route among all replicas, and say that the base model was not matched.
+        choice = choose_replica(stats, plan, slack=self._slack)
+        served = ", ".join(sorted({r.base_model or "?" for r in stats}))
+        return Choice(
+            choice.replica,
+            f"{choice.reason}; no replica reports base model {base_model!r} (they report {served})",
+        )
 
     async def stats(self) -> tuple[list[ReplicaStats], dict[str, str]]:
         """Fresh-enough stats of every replica that answers, and the errors of the others."""
