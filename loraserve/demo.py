@@ -14,6 +14,7 @@ import json
 import random
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def _session(client: Client, tasks: list[dict], console: Console) -> None:
     prompts = [(t["adapter_id"], p) for t in tasks for p in t["held_out"]]
     random.Random(0).shuffle(prompts)
     hits = 0
-    for gold, prompt in prompts:
+    for i, (gold, prompt) in enumerate(prompts):
         plan = client.retrieve([prompt], top_k=2, strategy="mixture").plans[0]
         top = plan.candidates[0].adapter_id if plan.candidates else "-"
         hits += top == gold
@@ -112,16 +113,19 @@ def _session(client: Client, tasks: list[dict], console: Console) -> None:
             f"  plan: {_plan_str(plan.plan)}   (top-1 {'[green]✓[/green]' if top == gold else '[red]✗[/red] ' + gold})"
         )
         console.print("  ", end="")
-        for chunk in client.stream(prompt, plan=plan.plan, max_tokens=16, temperature=0.8, seed=1):
+        ttft = None
+        for chunk in client.stream(prompt, plan=plan.plan, max_tokens=16, temperature=0.8, seed=i):
+            ttft = ttft if ttft is not None else chunk.time_to_first_token_ms
             console.print(chunk.text, end="", markup=False, highlight=False)
             if chunk.finish_reason:
                 console.print(
                     f"\n  [dim]{chunk.finish_reason}, {chunk.completion_tokens} tokens, "
-                    f"ttft {chunk.time_to_first_token_ms or 0:.0f} ms[/dim]"
+                    f"time to first token {ttft or 0:.1f} ms[/dim]"
                 )
     console.print(
         f"retrieval picked the task's own adapter first for {hits}/{len(prompts)} prompts"
     )
+    _concurrent(client, [p for _, p in prompts], console)
     fusion = [(tasks[0]["adapter_id"], 0.5), (tasks[1]["adapter_id"], 0.5)]
     result = client.generate(
         "Translate and judge: 'the film was wonderful'",
@@ -130,3 +134,22 @@ def _session(client: Client, tasks: list[dict], console: Console) -> None:
         max_tokens=8,
     )
     console.print(f"fusion plan {_plan_str(result.plan)} -> {result.completion_tokens} tokens")
+
+
+def _concurrent(client: Client, prompts: list[str], console: Console) -> None:
+    """All prompts at once: the executor batches the different plans into shared steps."""
+    console.rule("the same prompts, all at once (one mixed-task batch)")
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(
+            pool.map(
+                lambda p: client.generate(p, top_k=2, strategy="mixture", max_tokens=16), prompts
+            )
+        )
+    elapsed = time.perf_counter() - start
+    tokens = sum(r.completion_tokens for r in results)
+    adapters = {a.adapter_id for r in results for a in r.plan.adapters}
+    console.print(
+        f"{len(results)} requests over {len(adapters)} adapters: {tokens} tokens in {elapsed:.2f}s "
+        f"({tokens / elapsed:.0f} tokens/s on the CPU)"
+    )

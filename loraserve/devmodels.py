@@ -7,10 +7,22 @@ demo. The tokenizer is a byte-level BPE trained on a few paragraphs, so any text
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# peft touches an attribute that transformers deprecates; not ours to fix, and noise in the demo.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 Architecture = Literal["llama", "mistral", "qwen2"]
 
@@ -63,6 +75,7 @@ def build_tiny_model(
     """Write a random-weight causal LM (fp32) and its tokenizer to ``out_dir``; return it."""
     import transformers
 
+    _quiet_transformers()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)
@@ -109,6 +122,7 @@ def write_lora_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     out = Path(out_dir)
     base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
     config = LoraConfig(
