@@ -17,10 +17,11 @@ import asyncio
 import logging
 import time
 import uuid
+from contextlib import aclosing
 
 import grpc
 
-from executor_svc.adapters.refs import Key
+from executor_svc.adapters.residency import resident_adapters, resident_keys, resident_one
 from executor_svc.engine.types import TokenEvent
 from executor_svc.runtime import ExecutorRuntime
 from executor_svc.settings import ExecutorSettings
@@ -78,12 +79,13 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         out = executor_pb2.GenerateResponse(request_id=request_id)
         texts: list[str] = []
         last: TokenEvent | None = None
-        async for event in events:
-            if last is None:
-                out.time_to_first_token_ms = _ttft(start)
-            texts.append(event.text)
-            out.token_ids.extend(event.token_ids)
-            last = event
+        async with aclosing(events):
+            async for event in events:
+                if last is None:
+                    out.time_to_first_token_ms = _ttft(start)
+                texts.append(event.text)
+                out.token_ids.extend(event.token_ids)
+                last = event
         out.text = "".join(texts)
         if last is not None:
             out.finish_reason = _FINISH.get(last.finish_reason or "", 0)
@@ -95,17 +97,20 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         start = time.perf_counter()
         request_id, events = await self._events(request, context)
         first = True
-        async for event in events:
-            msg = executor_pb2.GenerateStreamResponse(
-                request_id=request_id, text=event.text, token_ids=event.token_ids
-            )
-            if first:
-                msg.time_to_first_token_ms = _ttft(start)
-                first = False
-            if event.finish_reason is not None:
-                msg.finish_reason = _FINISH.get(event.finish_reason, 0)
-                msg.usage.CopyFrom(_usage(event))
-            yield msg
+        # aclosing: a cancel that lands while gRPC writes a message (the runtime's stream is then
+        # parked at its yield) must still run the runtime's finally now, not at garbage collection.
+        async with aclosing(events):
+            async for event in events:
+                msg = executor_pb2.GenerateStreamResponse(
+                    request_id=request_id, text=event.text, token_ids=event.token_ids
+                )
+                if first:
+                    msg.time_to_first_token_ms = _ttft(start)
+                    first = False
+                if event.finish_reason is not None:
+                    msg.finish_reason = _FINISH.get(event.finish_reason, 0)
+                    msg.usage.CopyFrom(_usage(event))
+                yield msg
 
     async def LoadAdapter(self, request, context):
         rt = await self._ready(context)
@@ -114,7 +119,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         key = (await rt.store.resolve(ref.adapter_id, ref.version)).key
         lease = await rt.slots.acquire([key], timeout=context.time_remaining(), pin=request.pin)
         lease.release()  # loaded (and pinned if asked); no request holds it
-        return executor_pb2.LoadAdapterResponse(adapter=_resident_gpu(rt, key))
+        return executor_pb2.LoadAdapterResponse(
+            adapter=resident_one(rt.slots, rt.store.host_cache, key)
+        )
 
     async def UnloadAdapter(self, request, context):
         rt = await self._ready(context)
@@ -124,7 +131,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         # adapter is named by its "fusion-..." id from ListResidentAdapters.
         keys = [
             k
-            for k in _resident_keys(rt)
+            for k in resident_keys(rt.slots, rt.store.host_cache)
             if k.adapter_id == ref.adapter_id and ref.version in (0, k.version)
         ]
         if not keys:
@@ -140,9 +147,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
 
     async def ListResidentAdapters(self, request, context):
         rt = await self._ready(context)
-        assert rt.slots is not None
+        assert rt.slots is not None and rt.store is not None
         return executor_pb2.ListResidentAdaptersResponse(
-            adapters=_resident(rt),
+            adapters=resident_adapters(rt.slots, rt.store.host_cache),
             slots_total=len(rt.slots.slots),
             slots_free=rt.slots.num_free,
         )
@@ -156,13 +163,13 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         )
         if not rt.ready:  # answer during warm-up too: a router polls this
             return out
-        assert rt.slots is not None and rt.engine is not None
+        assert rt.slots is not None and rt.engine is not None and rt.store is not None
         engine = rt.engine.stats()
         c = rt.counters
         free = rt.slots.num_free
         out.queue_depth = c.queued
         out.running_requests = c.running
-        out.resident_adapters.extend(_resident(rt))
+        out.resident_adapters.extend(resident_adapters(rt.slots, rt.store.host_cache))
         out.kv_blocks_total = engine.kv_blocks_total
         out.kv_blocks_free = engine.kv_blocks_free
         out.adapter_slots_total = len(rt.slots.slots)
@@ -197,51 +204,6 @@ def _check_ref(ref: common_pb2.AdapterRef) -> common_pb2.AdapterRef:
     if not ref.adapter_id:
         raise InvalidArgument.field("adapter.adapter_id", "empty")
     return ref
-
-
-def _resident_keys(rt: ExecutorRuntime) -> list[Key]:
-    assert rt.slots is not None and rt.store is not None
-    keys: list[Key] = [s.key for s in rt.slots.slots if s.key is not None]
-    keys += [k for k, _ in rt.store.host_cache.entries() if rt.slots.slot_of(k) is None]
-    return keys
-
-
-def _resident_gpu(rt: ExecutorRuntime, key: Key) -> executor_pb2.ResidentAdapter:
-    return next(
-        r for r in _resident(rt) if r.adapter_id == key.adapter_id and r.version == key.version
-    )
-
-
-def _resident(rt: ExecutorRuntime) -> list[executor_pb2.ResidentAdapter]:
-    """Adapters in GPU slots (loaded), then those only in the host cache."""
-    assert rt.slots is not None and rt.store is not None
-    out = []
-    for slot in rt.slots.slots:
-        if slot.key is None or slot.loading:
-            continue
-        out.append(
-            executor_pb2.ResidentAdapter(
-                adapter_id=slot.key.adapter_id,
-                version=slot.key.version,
-                location=executor_pb2.ADAPTER_LOCATION_GPU,
-                slot=slot.index,
-                active_requests=slot.refcount,
-                pinned=slot.pinned,
-                size_bytes=slot.nbytes,
-            )
-        )
-    for key, nbytes in rt.store.host_cache.entries():
-        if rt.slots.slot_of(key) is None:
-            out.append(
-                executor_pb2.ResidentAdapter(
-                    adapter_id=key.adapter_id,
-                    version=key.version,
-                    location=executor_pb2.ADAPTER_LOCATION_HOST,
-                    slot=-1,
-                    size_bytes=nbytes,
-                )
-            )
-    return out
 
 
 class ExecutorServer(GrpcServer):

@@ -10,4 +10,5 @@ Follow one adapter from the network to a GPU slot through the file names:
 - ``fusion.py``          — build one fused adapter from several (FUSION plans).
 - ``plans.py``           — validate a request's ``LoraPlan`` and resolve versions to keys.
 - ``slot_manager.py``    — GPU slots: ref-counted leases, LRU eviction, ``model.set_lora``.
+- ``residency.py``       — which adapters are where (GPU slot / host), as proto messages.
 """

@@ -105,6 +105,7 @@ class SlotManager:
         self._wait_timeout_s = wait_timeout_s
         self._retry_after_s = retry_after_s
         self._changed = asyncio.Event()
+        self._loads: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
         self.waiting = 0  # requests waiting for a slot (part of the queue depth)
 
     @property
@@ -188,7 +189,9 @@ class SlotManager:
         slot.ready = asyncio.get_running_loop().create_future()
         slot.ready.add_done_callback(_retrieve)
         self._by_key[key] = slot
-        asyncio.ensure_future(self._load(slot, key))
+        task = asyncio.ensure_future(self._load(slot, key))
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
 
     async def _load(self, slot: Slot, key: Key) -> None:
         assert slot.ready is not None
