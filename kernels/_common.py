@@ -53,8 +53,8 @@ def pad3(items: Sequence, fill) -> list:
 def check_meta(meta, device: torch.device, what: str) -> None:
     if meta.block_m < 16:
         raise ValueError(f"{what}: meta.block_m={meta.block_m}; the kernels need >= 16")
-    if meta.sorted_tokens.device != device:
-        raise ValueError(f"{what}: meta is on {meta.sorted_tokens.device}, tensors on {device}")
+    if meta.row_tokens.device != device:
+        raise ValueError(f"{what}: meta is on {meta.row_tokens.device}, tensors on {device}")
 
 
 def check_operands(

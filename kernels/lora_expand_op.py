@@ -42,11 +42,13 @@ def _lora_expand_kernel(
     b2_ptr,
     ranks_ptr,
     scales_ptr,
-    sorted_tokens_ptr,
-    sorted_weights_ptr,
+    row_tokens_ptr,
+    row_weights_ptr,
     tile_start_ptr,
     tile_len_ptr,
+    tile_col_ptr,
     tile_slots_ptr,
+    tile_offset,
     out0,
     out1,
     out2,
@@ -62,7 +64,7 @@ def _lora_expand_kernel(
     stride_hsp,
     stride_hs,
     stride_ht,
-    MAX_K: tl.constexpr,
+    TILE_K: tl.constexpr,
     KP: tl.constexpr,
     RANK_CHUNK: tl.constexpr,
     R_MAX: tl.constexpr,
@@ -74,7 +76,7 @@ def _lora_expand_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    tile = tile_offset + tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     s = tl.program_id(2)
     b_ptr, out_s, col_off, stride_bs = b0_ptr, out0, off0, sbs0
@@ -86,7 +88,7 @@ def _lora_expand_kernel(
             b_ptr, out_s, col_off, stride_bs = b2_ptr, out2, off2, sbs2
 
     kj = tl.arange(0, KP)
-    slot_j = tl.load(tile_slots_ptr + tile * MAX_K + kj, mask=kj < MAX_K, other=-1)
+    slot_j = tl.load(tile_slots_ptr + tile * TILE_K + kj, mask=kj < TILE_K, other=-1)
     rank_j = tl.load(ranks_ptr + s * num_slots + slot_j, mask=slot_j >= 0, other=0)
     max_rank = tl.minimum(tl.max(rank_j, axis=0), R_MAX)  # the shrink's chunks, exactly
 
@@ -95,18 +97,19 @@ def _lora_expand_kernel(
         row0 = tl.load(tile_start_ptr + tile)
         offs_m = tl.arange(0, BLOCK_M)
         row_ok = offs_m < n_rows
-        tok = tl.load(sorted_tokens_ptr + row0 + offs_m, mask=row_ok, other=0).to(tl.int64)
+        tok = tl.load(row_tokens_ptr + row0 + offs_m, mask=row_ok, other=0).to(tl.int64)
+        col0 = tl.load(tile_col_ptr + tile)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < out_s
         offs_r = tl.arange(0, RANK_CHUNK)
-        h_rows = h_ptr + s * stride_hs + tok[:, None] * stride_ht
+        h_rows = h_ptr + s * stride_hs + tok[:, None] * stride_ht + col0 * R_MAX
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for r0 in range(0, max_rank, RANK_CHUNK):
             r = r0 + offs_r
             # One dot per adapter of the plan: with a scalar slot, B's rows are contiguous
             # along r and its loads 16 bytes wide (a stacked, gathered tile's are not).
-            for k in tl.static_range(MAX_K):
-                slot = tl.load(tile_slots_ptr + tile * MAX_K + k)
+            for k in tl.static_range(TILE_K):
+                slot = tl.load(tile_slots_ptr + tile * TILE_K + k)
                 rank = tl.load(ranks_ptr + s * num_slots + slot, mask=slot >= 0, other=0)
                 if rank > r0:
                     if EVEN_R:  # no chunk crosses r_max
@@ -121,7 +124,7 @@ def _lora_expand_kernel(
                         hs += tl.load(
                             h_rows + sp * stride_hsp + k * R_MAX + r[None, :], mask=hm, other=0.0
                         )
-                    w = tl.load(sorted_weights_ptr + (row0 + offs_m) * MAX_K + k, mask=row_ok)
+                    w = tl.load(row_weights_ptr + (row0 + offs_m) * TILE_K + k, mask=row_ok)
                     scale = tl.load(scales_ptr + s * num_slots + slot)
                     hs = hs * (w * scale)[:, None]
                     b_tile = (
@@ -197,46 +200,54 @@ def lora_expand(
         return
     cfg = config or kernel_config("expand", y.shape[0], max(outs), y.device)
     block_n = min(cfg["BLOCK_N"], max(16, next_pow2(max(outs))))
-    kp, chunk = rank_chunk(r_max, meta.max_k)
+    kp, chunk = rank_chunk(r_max, meta.tile_k)  # the shrink's chunks, which wrote h
     offs = [sum(outs[:i]) for i in range(n_slices)]
     for g0, g1 in slice_groups(n_slices):
         b = pad3(lora_b[g0:g1], lora_b[g0])
         o, f = pad3(outs[g0:g1], 0), pad3(offs[g0:g1], 0)
         sbs = pad3([x.stride(0) for x in lora_b[g0:g1]], 0)
-        grid = (meta.grid_tiles, triton.cdiv(max(outs[g0:g1]), block_n), g1 - g0)
-        _lora_expand_kernel[grid](
-            y,
-            h[:, g0:],
-            b[0],
-            b[1],
-            b[2],
-            ranks[g0:],
-            scales[g0:],
-            meta.sorted_tokens,
-            meta.sorted_weights,
-            meta.tile_start,
-            meta.tile_len,
-            meta.tile_slots,
-            *o,
-            *f,
-            *sbs,
-            slots,
-            y.stride(0),
-            lora_b[0].stride(1),
-            h.stride(0),
-            h.stride(1),
-            h.stride(2),
-            MAX_K=meta.max_k,
-            KP=kp,
-            RANK_CHUNK=chunk,
-            R_MAX=r_max,
-            NUM_SPLITS=h.shape[0],
-            BLOCK_M=meta.block_m,
-            BLOCK_N=block_n,
-            N_SLICES=g1 - g0,
-            EVEN_R=r_max % chunk == 0,
-            UPCAST=INTERPRET,
-            DOT_PRECISION=dot_precision(y.dtype),
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
-        )
+        n_blocks = triton.cdiv(max(outs[g0:g1]), block_n)
+        tile_offset = 0
+        # One launch per pass: a token appears at most once in a pass (see kernels.metadata).
+        for n_tiles in meta.pass_tiles:
+            if n_tiles == 0:
+                continue
+            _lora_expand_kernel[(n_tiles, n_blocks, g1 - g0)](
+                y,
+                h[:, g0:],
+                b[0],
+                b[1],
+                b[2],
+                ranks[g0:],
+                scales[g0:],
+                meta.row_tokens,
+                meta.row_weights,
+                meta.tile_start,
+                meta.tile_len,
+                meta.tile_col,
+                meta.tile_slots,
+                tile_offset,
+                *o,
+                *f,
+                *sbs,
+                slots,
+                y.stride(0),
+                lora_b[0].stride(1),
+                h.stride(0),
+                h.stride(1),
+                h.stride(2),
+                TILE_K=meta.tile_k,
+                KP=kp,
+                RANK_CHUNK=chunk,
+                R_MAX=r_max,
+                NUM_SPLITS=h.shape[0],
+                BLOCK_M=meta.block_m,
+                BLOCK_N=block_n,
+                N_SLICES=g1 - g0,
+                EVEN_R=r_max % chunk == 0,
+                UPCAST=INTERPRET,
+                DOT_PRECISION=dot_precision(y.dtype),
+                num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
+            )
+            tile_offset += n_tiles

@@ -45,9 +45,10 @@ def _lora_shrink_kernel(
     a1_ptr,
     a2_ptr,
     ranks_ptr,
-    sorted_tokens_ptr,
+    row_tokens_ptr,
     tile_start_ptr,
     tile_len_ptr,
+    tile_col_ptr,
     tile_slots_ptr,
     in_features,
     k_per_split,
@@ -58,7 +59,7 @@ def _lora_shrink_kernel(
     stride_hsp,
     stride_hs,
     stride_ht,
-    MAX_K: tl.constexpr,
+    TILE_K: tl.constexpr,
     KP: tl.constexpr,
     RANK_CHUNK: tl.constexpr,
     R_MAX: tl.constexpr,
@@ -85,7 +86,7 @@ def _lora_shrink_kernel(
     offs_j = tl.arange(0, KP * RANK_CHUNK)
     kj = offs_j // RANK_CHUNK
     rj = offs_j % RANK_CHUNK
-    slot_j = tl.load(tile_slots_ptr + tile * MAX_K + kj, mask=kj < MAX_K, other=-1)
+    slot_j = tl.load(tile_slots_ptr + tile * TILE_K + kj, mask=kj < TILE_K, other=-1)
     rank_j = tl.load(ranks_ptr + s * num_slots + slot_j, mask=slot_j >= 0, other=0)
     rank_j = tl.minimum(rank_j, R_MAX)
     max_rank = tl.max(rank_j, axis=0)  # 0 for padding tiles: nothing runs
@@ -94,12 +95,13 @@ def _lora_shrink_kernel(
     row0 = tl.load(tile_start_ptr + tile)
     offs_m = tl.arange(0, BLOCK_M)
     row_ok = offs_m < n_rows
-    tok = tl.load(sorted_tokens_ptr + row0 + offs_m, mask=row_ok, other=0).to(tl.int64)
+    tok = tl.load(row_tokens_ptr + row0 + offs_m, mask=row_ok, other=0).to(tl.int64)
+    col0 = tl.load(tile_col_ptr + tile)  # the tile fills h columns col0 .. col0 + TILE_K - 1
     x_rows = x_ptr + tok[:, None] * stride_xt
     a_rows = a_ptr + tl.maximum(slot_j, 0).to(tl.int64) * stride_as
     k_lo = split * k_per_split
     offs_k = tl.arange(0, BLOCK_K)
-    h_base = h_ptr + split * stride_hsp + s * stride_hs + tok[:, None] * stride_ht
+    h_base = h_ptr + split * stride_hsp + s * stride_hs + tok[:, None] * stride_ht + col0 * R_MAX
 
     for r0 in range(0, max_rank, RANK_CHUNK):
         r = r0 + rj
@@ -120,9 +122,9 @@ def _lora_shrink_kernel(
                 at = at.to(tl.float32)
             acc += tl.dot(xt, at, input_precision=DOT_PRECISION)
         if EVEN_R:  # no chunk crosses r_max
-            h_mask = row_ok[:, None] & (kj < MAX_K)[None, :]
+            h_mask = row_ok[:, None] & (kj < TILE_K)[None, :]
         else:
-            h_mask = row_ok[:, None] & ((kj < MAX_K) & (r < R_MAX))[None, :]
+            h_mask = row_ok[:, None] & ((kj < TILE_K) & (r < R_MAX))[None, :]
         tl.store(h_base + kj[None, :] * R_MAX + r[None, :], acc, mask=h_mask)
 
 
@@ -174,7 +176,7 @@ def lora_shrink(
     )
     if meta.num_active == 0 or meta.grid_tiles == 0:
         return h
-    kp, chunk = rank_chunk(r_max, meta.max_k)
+    kp, chunk = rank_chunk(r_max, meta.tile_k)
     a0 = lora_a[0]
     for g0, g1 in slice_groups(n_slices):
         a = pad3(lora_a[g0:g1], a0)
@@ -186,9 +188,10 @@ def lora_shrink(
             a[1],
             a[2],
             ranks[g0:],
-            meta.sorted_tokens,
+            meta.row_tokens,
             meta.tile_start,
             meta.tile_len,
+            meta.tile_col,
             meta.tile_slots,
             in_features,
             k_per_split,
@@ -199,7 +202,7 @@ def lora_shrink(
             h.stride(0),
             h.stride(1),
             h.stride(2),
-            MAX_K=meta.max_k,
+            TILE_K=meta.tile_k,
             KP=kp,
             RANK_CHUNK=chunk,
             R_MAX=r_max,

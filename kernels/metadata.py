@@ -1,18 +1,23 @@
 """Per-step index buffers for the LoRA kernels: :class:`LoraBatchMeta` and its builder.
 
 The builder runs once per engine step on the host (numpy), moves everything to the device in
-two copies, and every LoRA layer of the step reuses the result; the kernels themselves never
-look at host data, so ``add_lora`` needs no host synchronisation and can be captured in a CUDA
-graph.
+two copies, and every LoRA layer of the step reuses the result; the kernels never look at host
+data, so ``add_lora`` needs no host synchronisation and can be captured in a CUDA graph.
 
-The kernels walk *tiles*: runs of at most ``block_m`` tokens that carry the same plan (the same
-tuple of slots; weights may differ per token). Tokens are sorted so that equal plans are
-adjacent (the SGMV idea of Punica, Chen et al. 2023, and S-LoRA's segments, Sheng et al.
-2023), so a tile loads each of its adapters' weights once and feeds them to the tensor cores,
-and a token with several adapters is handled by a single program: y is written once per token,
-without atomics, whatever K is. With all tokens on different adapters a tile is one token
-(the BGMV case); with one adapter per request a tile is ``block_m`` tokens (the SGMV case).
-Tokens without an adapter are sorted last and belong to no tile: they cost nothing.
+The kernels walk *tiles*: runs of at most ``block_m`` rows that share their adapters, so a
+tile loads each adapter's weights once and feeds them to the tensor cores (the SGMV idea of
+Punica, Chen et al. 2023, and S-LoRA's segments, Sheng et al. 2023); all tokens on different
+adapters give one-row tiles (the BGMV case). Tokens without an adapter belong to no tile and
+cost nothing. Two ways to form rows and tiles:
+
+- ``plan`` mode (default when it is cheaper): a row is a token, a tile a run of tokens with
+  the same *plan* (tuple of slots; weights may differ per token). One program handles a
+  token's K adapters together, so x is read and y written once per token, without atomics.
+- ``column`` mode (when plans are mostly distinct, e.g. a per-token top-2 gate over many
+  adapters): a row is one (token, k) pair, a tile a run of pairs of column k on one slot. The
+  shrink covers all columns in one launch; the expand makes one pass per column k (a token
+  appears once per pass, so y is still updated without atomics), reading and writing y K times
+  instead of reloading every adapter for every token.
 
 Running example (``block_m=2`` to keep it short; the kernels use 16 or more), T=6, K=2, 4 slots::
 
@@ -21,14 +26,29 @@ Running example (``block_m=2`` to keep it short; the kernels use 16 or more), T=
     input token_slots   = [[2,-1], [-1,-1], [0,2], [2,-1], [2,-1], [2,0]]
     input token_weights = [[1, 0], [ 0, 0], [.5,.5], [1, 0], [1, 0], [.3,.7]]
 
-    token_slots    = [[2,-1], [-1,-1], [0,2], [2,-1], [2,-1], [0,2]]   # per token: slots
-    token_weights  = [[1, 0], [ 0, 0], [.5,.5], [1, 0], [1, 0], [.7,.3]]  # ascending, -1 last
-    sorted_tokens  = [2, 5, 0, 3, 4, 1]          # plan (0,2) first, then (2,-1); t1 is base-only
-    sorted_weights = [[.5,.5], [.7,.3], [1,0], [1,0], [1,0], [0,0]]   # token_weights[sorted_tokens]
-    tile_start     = [0, 2, 4]                   # rows of sorted_tokens
-    tile_len       = [2, 2, 1]                   # plan (2,-1) has 3 tokens: split 2 + 1
-    tile_slots     = [[0,2], [2,-1], [2,-1]]     # the plan shared by the tile's tokens
-    num_active = 5, num_tiles = 3, grid_tiles = 3 (or pad_tiles_to, padded tiles have len 0)
+    token_slots   = [[2,-1], [-1,-1], [0,2], [2,-1], [2,-1], [0,2]]  # per token: slots
+    token_weights = [[1, 0], [ 0, 0], [.5,.5], [1, 0], [1, 0], [.7,.3]]  # ascending, -1 last
+
+  plan mode (tile_k = 2)::
+
+    row_tokens  = [2, 5, 0, 3, 4, 0]       # plan (0,2) first, then (2,-1); t1 is base-only;
+    row_weights = [[.5,.5], [.7,.3], [1,0], [1,0], [1,0], [0,0]]   # rows padded to T
+    tile_start  = [0, 2, 4]                # first row of each tile
+    tile_len    = [2, 2, 1]                # plan (2,-1) has 3 tokens: split 2 + 1
+    tile_col    = [0, 0, 0]                # first k column of h the tile fills
+    tile_slots  = [[0,2], [2,-1], [2,-1]]  # the plan shared by the tile's rows
+    pass_tiles  = (3,)                     # one expand pass over all tiles
+
+  column mode (tile_k = 1)::
+
+    row_tokens  = [2, 5, 0, 3, 4, 2, 5, 0, 0, 0, 0, 0]  # column 0: slot 0 {t2,t5}, slot 2
+                                           # {t0,t3,t4}; column 1: slot 2 {t2,t5}; pad to T*K
+    row_weights = [[.5], [.7], [1], [1], [1], [.5], [.3], [0], [0], [0], [0], [0]]
+    tile_start  = [0, 2, 4, 5]
+    tile_len    = [2, 2, 1, 2]
+    tile_col    = [0, 0, 0, 1]
+    tile_slots  = [[0], [2], [2], [2]]
+    pass_tiles  = (3, 1)                   # expand: tiles 0-2 (column 0), then tile 3
 
 Duplicated slots in one token are merged (weights summed); zero weights are dropped.
 """
@@ -41,6 +61,7 @@ import numpy as np
 import torch
 
 MAX_K = 4  # adapters per token; MeteoRA uses top-2, LoraRetriever mixtures up to 3 or 4.
+MODES = ("plan", "column")
 
 
 @dataclass(slots=True)
@@ -52,18 +73,24 @@ class LoraBatchMeta:
 
     token_slots: torch.Tensor  # [T, K] int32, slot per (token, adapter), -1 = none
     token_weights: torch.Tensor  # [T, K] float32 mixture weights, 0 where slot == -1
-    sorted_tokens: torch.Tensor  # [T] int32, tokens grouped by plan, base-only tokens last
-    sorted_weights: torch.Tensor  # [T, K] float32, token_weights[sorted_tokens]
-    tile_start: torch.Tensor  # [G] int32, first row (index into sorted_tokens) of each tile
+    row_tokens: torch.Tensor  # [R] int32, token of each row; rows are grouped into tiles
+    row_weights: torch.Tensor  # [R, tile_k] float32, the row's weight for each tile column
+    # (R = T in plan mode, T*K in column mode: rows past the tiles' are padding, so that
+    # buffers keep their shapes from step to step, for CUDA graphs)
+    tile_start: torch.Tensor  # [G] int32, first row of each tile
     tile_len: torch.Tensor  # [G] int32, rows in the tile (0 for padding tiles)
-    tile_slots: torch.Tensor  # [G, K] int32, slots shared by all tokens of the tile
+    tile_col: torch.Tensor  # [G] int32, first of the tile_k columns of h the tile fills
+    tile_slots: torch.Tensor  # [G, tile_k] int32, slots shared by all rows of the tile
     num_tokens: int
-    max_k: int
+    max_k: int  # K
     num_slots: int
     num_active: int  # tokens with at least one adapter
-    num_tiles: int  # real tiles; the first num_tiles rows of the tile buffers
-    grid_tiles: int  # G, the programs launched along the tile axis
-    block_m: int  # most tokens per tile, the kernels' BLOCK_M
+    num_tiles: int  # real tiles
+    grid_tiles: int  # G = sum(pass_tiles), tiles with padding
+    block_m: int  # most rows per tile, the kernels' BLOCK_M
+    mode: str  # "plan" or "column"
+    tile_k: int  # adapters per tile: K in plan mode, 1 in column mode
+    pass_tiles: tuple[int, ...]  # tiles of each expand pass, in order
 
     @property
     def device(self) -> torch.device:
@@ -88,13 +115,13 @@ def _normalize(slots: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.n
     return np.take_along_axis(s, order, 1), np.take_along_axis(w, order, 1)
 
 
-def _tiles(plans: np.ndarray, block_m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split runs of equal plans (rows of ``plans``, already grouped) into tiles of <= block_m."""
-    n = plans.shape[0]
+def _tiles(groups: np.ndarray, block_m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split runs of equal rows of ``groups`` (already adjacent) into tiles of <= block_m."""
+    n = groups.shape[0]
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     change = np.ones(n, dtype=bool)
-    change[1:] = (plans[1:] != plans[:-1]).any(axis=1)
+    change[1:] = (groups[1:] != groups[:-1]).any(axis=1)
     g_start = np.flatnonzero(change)
     g_len = np.diff(np.append(g_start, n))
     per_group = -(-g_len // block_m)
@@ -105,6 +132,62 @@ def _tiles(plans: np.ndarray, block_m: int) -> tuple[np.ndarray, np.ndarray]:
     return start, np.minimum(block_m, end - start)
 
 
+@dataclass
+class _Layout:
+    rows: np.ndarray  # token of each row
+    weights: np.ndarray  # [R, tile_k]
+    start: np.ndarray
+    length: np.ndarray
+    col: np.ndarray
+    slots: np.ndarray  # [tiles, tile_k]
+    passes: list[int]  # tiles per expand pass (unpadded)
+
+
+def _plan_layout(slots: np.ndarray, weights: np.ndarray, block_m: int) -> _Layout:
+    k = slots.shape[1]
+    active = np.flatnonzero(slots[:, 0] >= 0)
+    keys = [slots[active, j] for j in range(k - 1, -1, -1)]
+    rows = active[np.lexsort(keys)] if len(active) else active  # stable: plan, then token
+    start, length = _tiles(slots[rows], block_m)
+    return _Layout(
+        rows,
+        weights[rows],
+        start,
+        length,
+        np.zeros(len(start), np.int64),
+        slots[rows[start]] if len(start) else np.zeros((0, k), np.int32),
+        [len(start)],
+    )
+
+
+def _column_layout(slots: np.ndarray, weights: np.ndarray, block_m: int) -> _Layout:
+    k = slots.shape[1]
+    tok, col = np.nonzero(slots >= 0)
+    order = np.lexsort((tok, slots[tok, col], col))  # by column, then slot, then token
+    tok, col = tok[order], col[order]
+    pair_slot = slots[tok, col]
+    start, length = _tiles(np.stack([col, pair_slot], axis=1), block_m)
+    tile_col = col[start] if len(start) else np.zeros(0, np.int64)
+    return _Layout(
+        tok,
+        weights[tok, col][:, None],
+        start,
+        length,
+        tile_col,
+        pair_slot[start][:, None],
+        [int((tile_col == j).sum()) for j in range(k)],
+    )
+
+
+def _column_is_cheaper(plan: _Layout, column: _Layout, num_tokens: int, k: int) -> bool:
+    """Compare adapter-weight loads per tile (plan tiles load every adapter of their plan,
+    mostly from L2 when plans repeat adapters: weighted 1/2) against column mode's extra
+    passes over x and y. Units of 8 KiB: one rank-16 adapter of a 4096-wide projection is
+    A + B = 256 KiB = 32 units, one token's x row and y row read and written 3 units."""
+    plan_loads = int((plan.slots >= 0).sum())
+    return 16 * plan_loads > 32 * len(column.start) + 3 * (k - 1) * num_tokens
+
+
 def build_lora_meta(
     token_slots: torch.Tensor,
     token_weights: torch.Tensor,
@@ -113,6 +196,7 @@ def build_lora_meta(
     *,
     block_m: int | None = None,
     pad_tiles_to: int | None = None,
+    mode: str | None = None,
 ) -> LoraBatchMeta:
     """Turn per-token plans into the kernels' index buffers (host work, once per step).
 
@@ -122,11 +206,14 @@ def build_lora_meta(
         num_slots: slots of the adapter buffers (every slot must be < num_slots).
         device: where the buffers go; default: token_slots' device if CUDA, else CUDA if
             available, else CPU.
-        block_m: most tokens per tile, a power of two (>= 16 for the kernels, which feed
-            tiles to the tensor cores); default from the GPU's tuned config (by T).
-        pad_tiles_to: launch this many programs along the tile axis (extra tiles are empty), so
-            that a CUDA graph captured with this meta can be replayed with another meta of the
-            same T, K and pad; must be >= the tiles needed (T is always enough).
+        block_m: most rows per tile, a power of two (>= 16 for the kernels, which feed tiles
+            to the tensor cores); default from the GPU's tuned config (by T).
+        pad_tiles_to: launch this many programs per expand pass along the tile axis (extra
+            tiles are empty), so that a CUDA graph captured with this meta can be replayed
+            with another meta of the same T, K, mode and pad; must be >= the tiles needed (T
+            is always enough).
+        mode: "plan" or "column" (see the module docstring); default: the cheaper by a
+            simple cost model. Fix it when capturing CUDA graphs.
     """
     if token_slots.dim() != 2 or token_slots.shape != token_weights.shape:
         raise ValueError(
@@ -136,6 +223,8 @@ def build_lora_meta(
     t, k = token_slots.shape
     if not 1 <= k <= MAX_K:
         raise ValueError(f"K={k} adapters per token; supported: 1..{MAX_K}")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     if device is None:
         device = (
             token_slots.device
@@ -154,45 +243,52 @@ def build_lora_meta(
         raise ValueError(f"block_m={block_m} must be a power of two (the kernels need >= 16)")
 
     slots, weights = _normalize(slots, weights)
-    active = slots[:, 0] >= 0
-    keys = [slots[:, j] for j in range(k - 1, -1, -1)] + [~active]
-    order = np.lexsort(keys) if t else np.zeros(0, np.int64)  # stable: plan order, then token
-    num_active = int(active.sum())
-    start, length = _tiles(slots[order[:num_active]], block_m)
-    num_tiles = len(start)
-    grid = num_tiles if pad_tiles_to is None else pad_tiles_to
-    if grid < num_tiles:
-        raise ValueError(f"pad_tiles_to={pad_tiles_to} < {num_tiles} tiles needed")
-    tile_slots = np.full((grid, k), -1, np.int32)
-    tile_slots[:num_tiles] = slots[order[start]] if num_tiles else tile_slots[:0]
+    lay = _plan_layout(slots, weights, block_m)
+    if k > 1 and mode != "plan":
+        col = _column_layout(slots, weights, block_m)
+        if mode == "column" or _column_is_cheaper(lay, col, t, k):
+            lay, mode = col, "column"
+    mode = mode or "plan"
+    tile_k = lay.slots.shape[1]
+    num_tiles = len(lay.start)
+    if pad_tiles_to is not None and max(lay.passes) > pad_tiles_to:
+        raise ValueError(f"pad_tiles_to={pad_tiles_to} < {max(lay.passes)} tiles needed")
+    passes = lay.passes if pad_tiles_to is None else [pad_tiles_to] * len(lay.passes)
+    grid = sum(passes)
+    # Tile arrays, each pass padded to its grid share with empty tiles (len 0, slots -1).
+    dest = np.concatenate([np.arange(n) + sum(passes[:i]) for i, n in enumerate(lay.passes)])
+    start, length, tcol = np.zeros(grid, np.int64), np.zeros(grid, np.int64), np.zeros(grid)
+    tslots = np.full((grid, tile_k), -1, np.int32)
+    start[dest], length[dest], tcol[dest], tslots[dest] = lay.start, lay.length, lay.col, lay.slots
 
-    ints = np.concatenate(
-        [
-            slots.ravel(),
-            order.astype(np.int32),
-            np.pad(start, (0, grid - num_tiles)).astype(np.int32),
-            np.pad(length, (0, grid - num_tiles)).astype(np.int32),
-            tile_slots.ravel(),
-        ]
-    )
-    floats = np.concatenate([weights.ravel(), weights[order].ravel()])
-    ib = torch.from_numpy(ints).to(device)
-    fb = torch.from_numpy(floats).to(device)
-    cuts = np.cumsum([0, t * k, t, grid, grid, grid * k])
-    iv = [ib[cuts[i] : cuts[i + 1]] for i in range(5)]
+    r = t * k if mode == "column" else t
+    rows = np.zeros(r, np.int64)
+    rows[: len(lay.rows)] = lay.rows
+    row_w = np.zeros((r, tile_k), np.float32)
+    row_w[: len(lay.rows)] = lay.weights
+    ints = np.concatenate([slots.ravel(), rows, start, length, tcol, tslots.ravel()])
+    floats = np.concatenate([weights.ravel(), row_w.ravel()])
+    ib = torch.from_numpy(ints.astype(np.int32)).to(device)
+    fb = torch.from_numpy(floats.astype(np.float32)).to(device)
+    cuts = np.cumsum([0, t * k, r, grid, grid, grid, grid * tile_k])
+    iv = [ib[cuts[i] : cuts[i + 1]] for i in range(6)]
     return LoraBatchMeta(
         token_slots=iv[0].view(t, k),
         token_weights=fb[: t * k].view(t, k),
-        sorted_tokens=iv[1],
-        sorted_weights=fb[t * k :].view(t, k),
+        row_tokens=iv[1],
+        row_weights=fb[t * k :].view(r, tile_k),
         tile_start=iv[2],
         tile_len=iv[3],
-        tile_slots=iv[4].view(grid, k),
+        tile_col=iv[4],
+        tile_slots=iv[5].view(grid, tile_k),
         num_tokens=t,
         max_k=k,
         num_slots=num_slots,
-        num_active=num_active,
+        num_active=int((slots[:, 0] >= 0).sum()),
         num_tiles=num_tiles,
         grid_tiles=grid,
         block_m=block_m,
+        mode=mode,
+        tile_k=tile_k,
+        pass_tiles=tuple(passes),
     )

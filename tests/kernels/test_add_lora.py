@@ -12,6 +12,7 @@ from kernels import add_lora, add_lora_ref, build_lora_meta
 
 def _run(b: Batch, device: torch.device, dtype: torch.dtype, **meta_kw) -> None:
     meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, device, **meta_kw)
+    assert meta.mode == meta_kw.get("mode", meta.mode)
     y_ref = b.y.clone()
     add_lora_ref(y_ref, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
     y = b.y.clone()
@@ -80,8 +81,8 @@ def test_ranks(device: torch.device, rank: int) -> None:
     _run(b, device, torch.float32)
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_mixed_ranks(device: torch.device, k: int) -> None:
+@pytest.mark.parametrize(("k", "mode"), [(1, "plan"), (2, "plan"), (4, "plan"), (4, "column")])
+def test_mixed_ranks(device: torch.device, k: int, mode: str) -> None:
     """Slots of ranks 1..64 (and empty slots, rank 0) share one batch and one token."""
     b = make_batch(
         tokens=21,
@@ -95,12 +96,12 @@ def test_mixed_ranks(device: torch.device, k: int) -> None:
         device=device,
         seed=k,
     )
-    _run(b, device, torch.float16)
+    _run(b, device, torch.float16, mode=mode)
 
 
 @pytest.mark.parametrize("popularity", POPULARITY)
-@pytest.mark.parametrize("k", [1, 4])
-def test_popularity(device: torch.device, popularity: str, k: int) -> None:
+@pytest.mark.parametrize(("k", "mode"), [(1, "plan"), (4, "plan"), (4, "column")])
+def test_popularity(device: torch.device, popularity: str, k: int, mode: str) -> None:
     b = make_batch(
         tokens=40,
         in_features=64,
@@ -113,11 +114,11 @@ def test_popularity(device: torch.device, popularity: str, k: int) -> None:
         device=device,
         seed=7,
     )
-    _run(b, device, torch.bfloat16)
+    _run(b, device, torch.bfloat16, mode=mode)
 
 
-@pytest.mark.parametrize("block_m", [16, 64])
-def test_block_m_and_padding(device: torch.device, block_m: int) -> None:
+@pytest.mark.parametrize(("block_m", "mode"), [(16, "plan"), (64, "plan"), (16, "column")])
+def test_block_m_and_padding(device: torch.device, block_m: int, mode: str) -> None:
     """Tiles longer than a plan's run, and padded (empty) tiles for CUDA-graph replay."""
     b = make_batch(
         tokens=45,
@@ -131,7 +132,7 @@ def test_block_m_and_padding(device: torch.device, block_m: int) -> None:
         device=device,
         seed=3,
     )
-    _run(b, device, torch.float32, block_m=block_m, pad_tiles_to=45)
+    _run(b, device, torch.float32, block_m=block_m, pad_tiles_to=45, mode=mode)
 
 
 def test_split_k_uneven(device: torch.device) -> None:
@@ -203,7 +204,8 @@ def test_llama_shapes_bf16() -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_and_replay() -> None:
+@pytest.mark.parametrize("mode", ["plan", "column"])
+def test_cuda_graph_capture_and_replay(mode: str) -> None:
     """add_lora captures in a CUDA graph and replays with a new plan of the same shape."""
     dev = torch.device("cuda")
     b = make_batch(
@@ -217,7 +219,9 @@ def test_cuda_graph_capture_and_replay() -> None:
         device=dev,
         seed=11,
     )
-    meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, dev, pad_tiles_to=32)
+    meta = build_lora_meta(
+        b.token_slots, b.token_weights, b.num_slots, dev, pad_tiles_to=32, mode=mode
+    )
     y = b.y.clone()
     add_lora(y, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)  # compile outside capture
     torch.cuda.synchronize()
@@ -237,14 +241,15 @@ def test_cuda_graph_capture_and_replay() -> None:
         device=dev,
         seed=12,
     )
-    meta2 = build_lora_meta(new.token_slots, new.token_weights, 8, dev, pad_tiles_to=32)
+    meta2 = build_lora_meta(new.token_slots, new.token_weights, 8, dev, pad_tiles_to=32, mode=mode)
     for name in (
         "token_slots",
         "token_weights",
-        "sorted_tokens",
-        "sorted_weights",
+        "row_tokens",
+        "row_weights",
         "tile_start",
         "tile_len",
+        "tile_col",
         "tile_slots",
     ):
         getattr(meta, name).copy_(getattr(meta2, name))
