@@ -107,6 +107,7 @@ class SlotManager:
         self._changed = asyncio.Event()
         self._loads: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
         self.waiting = 0  # requests waiting for a slot (part of the queue depth)
+        self.loads = 0  # adapters written into a slot so far (swap-ins)
 
     @property
     def num_free(self) -> int:
@@ -205,6 +206,7 @@ class SlotManager:
             except (ValueError, IndexError) as exc:  # shapes/rank do not fit the model
                 raise adapter_incompatible(str(key), str(exc)) from exc
             slot.nbytes = weights_nbytes(weights)
+            self.loads += 1
             slot.ready.set_result(None)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter via the future
             self._by_key.pop(key, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,13 +15,16 @@ from executor_svc.settings import ExecutorSettings
 from loraserve.api.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from loraserve.settings import CommonSettings
 
+# The same tests run on a GPU through the device tool: LORASERVE_TEST_EXECUTOR_DEVICE=cuda.
+DEVICE = os.environ.get("LORASERVE_TEST_EXECUTOR_DEVICE", "cpu")
+
 
 def executor_settings(model_dir: Path, data_dir: Path, **kw) -> ExecutorSettings:
     kw.setdefault("use_registry", False)
     return ExecutorSettings(
         port=0,
         model_dir=str(model_dir),
-        device="cpu",
+        device=DEVICE,
         num_lora_slots=kw.pop("num_lora_slots", 4),
         max_lora_rank=16,
         max_model_len=256,

@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 from executor_fixtures import (
+    DEVICE,
     executor_settings,
     plan,
     running_executor,
@@ -145,7 +146,7 @@ async def test_load_list_unload_adapters(settings):
 async def test_stats_report_slots_memory_and_kv(settings):
     async with running_executor(settings) as (_, stub):
         stats = await stub.GetStats(executor_pb2.GetStatsRequest())
-        assert stats.device == "cpu" and stats.replica_id and stats.base_model
+        assert stats.device == DEVICE and stats.replica_id and stats.base_model
         assert stats.adapter_slots_total == 4 == stats.adapter_slots_free
         assert stats.adapter_memory_bytes_total == stats.adapter_memory_bytes_free > 0
         assert stats.kv_blocks_total == stats.kv_blocks_free > 0
