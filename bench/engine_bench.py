@@ -126,11 +126,12 @@ async def ours(args, bw: float) -> None:
     cases = {"no_adapter": lambda i: [], "one_adapter": lambda i: [(0, 1.0)],
              "8_distinct": lambda i: [(i % 8, 1.0)], "64_distinct": lambda i: [(i % 64, 1.0)],
              "mixture_k2_8": lambda i: [(i % 8, 0.5), ((i + 1) % 8, 0.5)]}
-    await run_case(engine, max_b, [[(0, 1.0)]] * max_b, prompts)  # warm-up
     for batch in args.batches:
         base = None
         for name, plan in cases.items():
-            r = await run_case(engine, batch, [plan(i) for i in range(batch)], prompts)
+            plans = [plan(i) for i in range(batch)]
+            await run_case(engine, batch, plans, prompts)  # warm: Triton JIT of new shapes
+            r = await run_case(engine, batch, plans, prompts)
             roof = batch / (decode_step_bytes(engine.model, batch, PROMPT + NEW / 2) / bw)
             base = base or r["tok_s"]
             emit(engine="loraserve", case=name, batch=batch, prompt=PROMPT, new_tokens=NEW,
@@ -183,6 +184,7 @@ def peft_baselines(args) -> None:
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.normal_(0, 0.01)
+    model.eval()
     model.set_adapter("a0")
     model.merge_adapter()
     for b in args.batches:

@@ -17,6 +17,7 @@ from executor_svc.engine.types import AdapterWeights
 from executor_svc.model.config import ModelConfig
 from executor_svc.model.context import StepContext
 from executor_svc.model.layers.attention import PagedAttention
+from executor_svc.model.layers.fused_ops import silu_and_mul
 from executor_svc.model.layers.lora_linear import LoRALinear
 from executor_svc.model.layers.norm import RMSNorm
 from executor_svc.model.layers.rotary import RotaryEmbedding
@@ -61,8 +62,13 @@ class DecoderLayer(nn.Module):
         a = self.attn(q, k, v, kv_cache, ctx).reshape(t, self.q_size)
         x = x + self.o_proj(a, ctx.lora)
         h = self.post_attention_layernorm(x)
-        gate, up = self.gate_up_proj(h, ctx.lora).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up, ctx.lora)
+        gate_up = self.gate_up_proj(h, ctx.lora)
+        if gate_up.is_cuda:
+            act = silu_and_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return x + self.down_proj(act, ctx.lora)
 
 
 class CausalLM(nn.Module):

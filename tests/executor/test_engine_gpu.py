@@ -18,10 +18,22 @@ pytestmark = [pytest.mark.gpu,
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 300] * 3, [1, 2, 3], [400, 401, 12, 9, 9, 77, 88, 13]]
 
 
+def _devmodels():
+    """loraserve.devmodels without the package __init__ (the device lacks the gRPC deps)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "loraserve" / "devmodels.py"
+    spec = importlib.util.spec_from_file_location("_devmodels", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from loraserve.devmodels import build_tiny_model, write_lora_adapter
-
+    dm = _devmodels()
+    build_tiny_model, write_lora_adapter = dm.build_tiny_model, dm.write_lora_adapter
     root = tmp_path_factory.mktemp("gpu")
     model_dir = build_tiny_model(root / "m", architecture="qwen2", hidden_size=128,
                                  intermediate_size=256, num_heads=4, num_kv_heads=2)

@@ -47,3 +47,26 @@ def test_paged_decode_triton_equals_torch(hq, hkv):
     ref = paged_decode_torch(q, k_cache, v_cache, tables, lens, d**-0.5, bs)
     out = paged_decode_triton(q, k_cache, v_cache, tables, lens, d**-0.5, bs)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_ops_equal_torch():
+    """The CUDA-path Triton ops (interpreted here) equal the torch ops the CPU path uses."""
+    import torch.nn.functional as F
+
+    from executor_svc.model.layers import fused_ops
+    from executor_svc.model.layers.rotary import _rotate
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 40, generator=g)
+    w = torch.randn(40, generator=g)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(fused_ops.rms_norm(x, w, 1e-6), ref, atol=1e-5, rtol=1e-5)
+    gu = torch.randn(5, 2 * 37, generator=g)
+    torch.testing.assert_close(fused_ops.silu_and_mul(gu), F.silu(gu[:, :37]) * gu[:, 37:])
+    qkv = torch.randn(5, 3 * 3 * 16, generator=g)
+    q = qkv[:, : 3 * 16].view(5, 3, 16)  # strided view, as in the model
+    pos = torch.tensor([0, 4, 9, 2, 7])
+    ang = torch.rand(12, 8, generator=g) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    ref = _rotate(q, cos[pos].unsqueeze(1), sin[pos].unsqueeze(1))
+    torch.testing.assert_close(fused_ops.rope(q, pos, cos, sin), ref, atol=1e-5, rtol=1e-5)

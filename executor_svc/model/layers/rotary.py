@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from executor_svc.model.config import ModelConfig
+from executor_svc.model.layers.fused_ops import rope
 
 
 def _inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -42,6 +43,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T] int64. Returns rotated (q, k)."""
+        if q.is_cuda:
+            return (rope(q, positions, self.cos, self.sin),
+                    rope(k, positions, self.cos, self.sin))
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
