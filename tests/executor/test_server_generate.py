@@ -150,3 +150,16 @@ async def test_stats_report_slots_memory_and_kv(settings):
         assert stats.adapter_slots_total == 4 == stats.adapter_slots_free
         assert stats.adapter_memory_bytes_total == stats.adapter_memory_bytes_free > 0
         assert stats.kv_blocks_total == stats.kv_blocks_free > 0
+
+
+async def test_slot_count_from_adapter_memory_budget(tiny_model_dir, tmp_path):
+    # Tiny Llama, max_lora_rank 16, fp32: 131072 bytes per slot (2 layers x 7 projections).
+    settings = executor_settings(
+        tiny_model_dir, tmp_path / "data", num_lora_slots=0, adapter_memory_bytes=3 * 131072 + 5
+    )
+    if DEVICE != "cpu":
+        pytest.skip("bytes per slot above are for fp32")
+    async with running_executor(settings) as (_, stub):
+        stats = await stub.GetStats(executor_pb2.GetStatsRequest())
+        assert stats.adapter_slots_total == 3
+        assert stats.adapter_memory_bytes_total == 3 * 131072
