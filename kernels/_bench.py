@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,7 @@ def bench_ms(fn, *, warmup: int = 25, rep: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def graph_ms(fn, *, rep: int = 100) -> float:
+def graph_ms(fn, *, rep: int = 100, warmup: int = 25) -> float:
     """Median time of a CUDA-graph replay of fn (no launch overhead), L2 flushed."""
     fn()
     torch.cuda.synchronize()
@@ -89,7 +90,19 @@ def graph_ms(fn, *, rep: int = 100) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return bench_ms(graph.replay, rep=rep)
+    return bench_ms(graph.replay, rep=rep, warmup=warmup)
+
+
+def eager_cpu_us(fn, calls: int = 50) -> float:
+    """Host time of one eager call (launch overhead), GPU queue not waited for."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
 
 
 def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:

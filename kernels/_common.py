@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -20,6 +21,26 @@ SLICES_PER_LAUNCH = 3
 # Stacked rank columns per rank chunk (K adapters x RANK_CHUNK): 64 keeps the shrink's fp32
 # accumulator at BLOCK_M x 64 and covers rank 16 with K=4 in a single chunk.
 MAX_RANK_COLS = 64
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper (sm_90) and newer, never in the interpreter."""
+    if INTERPRET or device.type != "cuda" or os.environ.get("LORASERVE_KERNELS_PDL") == "0":
+        return False
+    return _capability(device.index if device.index is not None else 0)[0] >= 9
+
+
+def launch_options(device: torch.device, cfg: dict, dependent: bool = False) -> dict:
+    """Triton launch keywords: warps, stages and, for a dependent kernel, PDL."""
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if dependent:
+        opts["launch_pdl"] = True
+    return opts
 
 
 def next_pow2(n: int) -> int:

@@ -18,14 +18,17 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from kernels._common import (
     INTERPRET,
     check_meta,
     check_operands,
     dot_precision,
+    launch_options,
     next_pow2,
     pad3,
+    pdl_supported,
     rank_chunk,
     slice_groups,
 )
@@ -75,6 +78,7 @@ def _lora_expand_kernel(
     EVEN_R: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     tile = tile_offset + tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
@@ -103,47 +107,48 @@ def _lora_expand_kernel(
         n_ok = offs_n < out_s
         offs_r = tl.arange(0, RANK_CHUNK)
         h_rows = h_ptr + s * stride_hs + tok[:, None] * stride_ht + col0 * R_MAX
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for r0 in range(0, max_rank, RANK_CHUNK):
-            r = r0 + offs_r
-            # One dot per adapter of the plan: with a scalar slot, B's rows are contiguous
-            # along r and its loads 16 bytes wide (a stacked, gathered tile's are not).
-            for k in tl.static_range(TILE_K):
-                slot = tl.load(tile_slots_ptr + tile * TILE_K + k)
-                rank = tl.load(ranks_ptr + s * num_slots + slot, mask=slot >= 0, other=0)
-                if rank > r0:
-                    if EVEN_R:  # no chunk crosses r_max
-                        hm = row_ok[:, None]
-                        bm = n_ok[None, :]
-                    else:
-                        hm = row_ok[:, None] & (r < R_MAX)[None, :]
-                        bm = n_ok[None, :] & (r < R_MAX)[:, None]
-                    # The shrink wrote these chunks whole (zeros above each rank).
-                    hs = tl.zeros([BLOCK_M, RANK_CHUNK], dtype=tl.float32)
-                    for sp in tl.static_range(NUM_SPLITS):
-                        hs += tl.load(
-                            h_rows + sp * stride_hsp + k * R_MAX + r[None, :], mask=hm, other=0.0
-                        )
-                    w = tl.load(row_weights_ptr + (row0 + offs_m) * TILE_K + k, mask=row_ok)
-                    scale = tl.load(scales_ptr + s * num_slots + slot)
-                    hs = hs * (w * scale)[:, None]
-                    b_tile = (
-                        b_ptr
-                        + slot.to(tl.int64) * stride_bs
-                        + offs_n[None, :] * stride_bn
-                        + r[:, None]
-                    )
-                    bt = tl.load(b_tile, mask=bm, other=0.0)
-                    # Rows above the slot's rank may hold a previous adapter's weights.
-                    bt = tl.where((r < rank)[:, None], bt, tl.zeros_like(bt))
-                    if UPCAST:  # the interpreter mishandles bf16 arithmetic
-                        acc += tl.dot(hs, bt.to(tl.float32), input_precision=DOT_PRECISION)
-                    else:
-                        acc += tl.dot(hs.to(bt.dtype), bt, input_precision=DOT_PRECISION)
+        # y and B do not depend on the shrink: with programmatic dependent launch (PDL) they
+        # are requested before waiting for the shrink's grid, so their latency overlaps it.
         y_tile = y_ptr + tok[:, None] * stride_yt + (col_off + offs_n)[None, :]
         y_mask = row_ok[:, None] & n_ok[None, :]
-        y_old = tl.load(y_tile, mask=y_mask, other=0.0).to(tl.float32)
-        tl.store(y_tile, (y_old + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+        y_old = tl.load(y_tile, mask=y_mask, other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # One dot per adapter of the tile: with a scalar slot, B's rows are contiguous along r
+        # and its loads 16 bytes wide (a stacked, gathered tile's are not).
+        for k in tl.static_range(TILE_K):
+            slot = tl.load(tile_slots_ptr + tile * TILE_K + k)
+            rank = tl.load(ranks_ptr + s * num_slots + slot, mask=slot >= 0, other=0)
+            rank = tl.minimum(rank, R_MAX)
+            b_rows = b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs
+            for r0 in range(0, rank, RANK_CHUNK):
+                r = r0 + offs_r
+                if EVEN_R:  # no chunk crosses r_max
+                    hm = row_ok[:, None]
+                    bm = n_ok[None, :]
+                else:
+                    hm = row_ok[:, None] & (r < R_MAX)[None, :]
+                    bm = n_ok[None, :] & (r < R_MAX)[:, None]
+                bt = tl.load(b_rows + offs_n[None, :] * stride_bn + r[:, None], mask=bm, other=0.0)
+                # Rows above the slot's rank may hold a previous adapter's weights.
+                bt = tl.where((r < rank)[:, None], bt, tl.zeros_like(bt))
+                w = tl.load(row_weights_ptr + (row0 + offs_m) * TILE_K + k, mask=row_ok)
+                scale = tl.load(scales_ptr + s * num_slots + slot)
+                if USE_PDL:
+                    gdc_wait()  # the shrink's h is complete and visible past this point
+                # The shrink wrote these chunks whole (zeros above each rank).
+                hs = tl.zeros([BLOCK_M, RANK_CHUNK], dtype=tl.float32)
+                for sp in tl.static_range(NUM_SPLITS):
+                    hs += tl.load(
+                        h_rows + sp * stride_hsp + k * R_MAX + r[None, :], mask=hm, other=0.0
+                    )
+                hs = hs * (w * scale)[:, None]
+                if UPCAST:  # the interpreter mishandles bf16 arithmetic
+                    acc += tl.dot(hs, bt.to(tl.float32), input_precision=DOT_PRECISION)
+                else:
+                    acc += tl.dot(hs.to(bt.dtype), bt, input_precision=DOT_PRECISION)
+        tl.store(y_tile, (y_old.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+    if USE_PDL:  # idle programs too: this grid never completes before the shrink's
+        gdc_wait()
 
 
 def lora_expand(
@@ -155,6 +160,7 @@ def lora_expand(
     meta: LoraBatchMeta,
     *,
     config: dict | None = None,
+    pdl: bool | None = None,
 ) -> None:
     """Up-project, weight, scale and add into y, in place, for every slice.
 
@@ -177,6 +183,8 @@ def lora_expand(
         scales: [n_slices, slots] float32.
         meta: the step's :class:`LoraBatchMeta`.
         config: launch parameters overriding the tuned ones (BLOCK_N, num_warps, num_stages).
+        pdl: launch as a programmatic dependent of the previous kernel (the shrink), so that
+            y and B are fetched while the shrink finishes; default: on Hopper and newer.
     """
     check_meta(meta, y.device, "lora_expand")
     check_operands(y, lora_b, ranks, "lora_expand")
@@ -201,6 +209,7 @@ def lora_expand(
     cfg = config or kernel_config("expand", y.shape[0], max(outs), y.device)
     block_n = min(cfg["BLOCK_N"], max(16, next_pow2(max(outs))))
     kp, chunk = rank_chunk(r_max, meta.tile_k)  # the shrink's chunks, which wrote h
+    pdl = pdl_supported(y.device) if pdl is None else pdl and pdl_supported(y.device)
     offs = [sum(outs[:i]) for i in range(n_slices)]
     for g0, g1 in slice_groups(n_slices):
         b = pad3(lora_b[g0:g1], lora_b[g0])
@@ -209,6 +218,8 @@ def lora_expand(
         n_blocks = triton.cdiv(max(outs[g0:g1]), block_n)
         tile_offset = 0
         # One launch per pass: a token appears at most once in a pass (see kernels.metadata).
+        # Only the first pass overlaps its predecessor (PDL): later passes read y before
+        # their wait, and y is what the previous pass writes.
         for n_tiles in meta.pass_tiles:
             if n_tiles == 0:
                 continue
@@ -247,7 +258,7 @@ def lora_expand(
                 EVEN_R=r_max % chunk == 0,
                 UPCAST=INTERPRET,
                 DOT_PRECISION=dot_precision(y.dtype),
-                num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"],
+                USE_PDL=pdl and tile_offset == 0,
+                **launch_options(y.device, cfg, dependent=pdl and tile_offset == 0),
             )
             tile_offset += n_tiles

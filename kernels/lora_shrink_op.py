@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from kernels._common import (
     INTERPRET,
@@ -28,8 +29,10 @@ from kernels._common import (
     check_meta,
     check_operands,
     dot_precision,
+    launch_options,
     next_pow2,
     pad3,
+    pdl_supported,
     rank_chunk,
     slice_groups,
 )
@@ -70,7 +73,10 @@ def _lora_shrink_kernel(
     EVEN_R: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # let the expand start its independent loads (see lora_expand_op)
+        gdc_launch_dependents()
     tile = tl.program_id(0)
     split = tl.program_id(1)
     s = tl.program_id(2)
@@ -213,7 +219,7 @@ def lora_shrink(
             EVEN_R=r_max % chunk == 0,
             UPCAST=INTERPRET,
             DOT_PRECISION=dot_precision(x.dtype),
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            USE_PDL=pdl_supported(x.device),
+            **launch_options(x.device, cfg),
         )
     return h
