@@ -8,6 +8,8 @@ on the device per step. Steps with prefill chunks run eagerly (attention per chu
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -20,8 +22,17 @@ from executor_svc.model.llama import CausalLM
 from kernels import LoraBatchMeta, build_lora_meta
 from kernels.metadata import MAX_K
 
-META_FIELDS = ("token_slots", "token_weights", "sorted_tokens", "sorted_weights", "tile_start",
-               "tile_len", "tile_slots")
+GRAPH_META_MODE = "plan"  # fixed for capture and replay: buffer shapes must not change
+
+
+def _copy_meta(dst: LoraBatchMeta, src: LoraBatchMeta) -> None:
+    """Copy a step's (host-built) LoRA metadata into the buffers a graph was captured with."""
+    if (src.grid_tiles, src.mode, src.block_m) != (dst.grid_tiles, dst.mode, dst.block_m):
+        raise RuntimeError("LoRA metadata layout differs from the captured graph's")
+    for f in dataclasses.fields(dst):
+        buf = getattr(dst, f.name)
+        if isinstance(buf, torch.Tensor):
+            buf.copy_(getattr(src, f.name), non_blocking=True)
 
 
 def kv_bytes_per_block(model: CausalLM, block_size: int) -> int:
@@ -143,7 +154,7 @@ class ModelRunner:
                     slots = torch.full((b, k), -1, dtype=torch.int32)
                     slots[:, 0] = 0
                     meta = build_lora_meta(slots, (slots >= 0).float(), self.model.num_slots,
-                                           dev, pad_tiles_to=b)
+                                           dev, pad_tiles_to=b, mode=GRAPH_META_MODE)
                 ctx = self._graph_ctx(b, meta)
                 for _ in range(2):  # compile the Triton kernels outside the capture
                     self._graph_body(b, ctx)
@@ -189,8 +200,7 @@ class ModelRunner:
             weights = np.pad(weights, ((0, b - nd), (0, 0)))
             host = build_lora_meta(torch.from_numpy(slots), torch.from_numpy(weights),
                                    self.model.num_slots, torch.device("cpu"),
-                                   block_m=g.meta.block_m, pad_tiles_to=b)
-            for f in META_FIELDS:
-                getattr(g.meta, f).copy_(getattr(host, f), non_blocking=True)
+                                   block_m=g.meta.block_m, pad_tiles_to=b, mode=GRAPH_META_MODE)
+            _copy_meta(g.meta, host)
         g.graph.replay()
         return self.s_logits[:nd]
