@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,11 +16,13 @@ from celery import Celery
 
 from loraserve import vectors as V
 from loraserve.api.v1 import common_pb2, jobs_pb2_grpc, registry_pb2, registry_pb2_grpc
+from loraserve.settings import CommonSettings
 from loraserve.upload import iter_push_requests
+from registry_svc.db import close_database
 from registry_svc.server import build_server
 from registry_svc.settings import RegistrySettings
 from registry_svc.vector_index import count_points
-from registry_svc.worker import WorkerThread
+from registry_svc.worker import WorkerThread, make_celery
 
 BASE = "tiny-llama"
 R = registry_pb2
@@ -99,6 +102,47 @@ class Client:
                 name = S.AdapterStatus.Name(adapter.status)
                 raise TimeoutError(f"{adapter_id}@{version} still {name} after {timeout}s")
             await asyncio.sleep(0.03)
+
+
+TEST_SETTINGS = dict(
+    port=0,
+    max_rank=16,
+    watch_poll_interval_s=0.05,
+    broker_poll_interval_s=0.05,
+    maintenance_interval_s=3600.0,
+)
+
+
+def delete_redis_keys(url: str, prefix: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        return client.delete(*keys) if keys else 0
+    finally:
+        client.close()
+
+
+def make_stack(data_dir: Path, broker_url: str = "", **overrides) -> Stack:
+    prefix = f"loraserve-test-{uuid.uuid4().hex[:12]}:" if broker_url else ""
+    common = CommonSettings(data_dir=data_dir, broker_url=broker_url)
+    settings = RegistrySettings(
+        common=common, broker_key_prefix=prefix, **{**TEST_SETTINGS, **overrides}
+    )
+    return Stack(
+        settings=settings, celery=make_celery(common, settings=settings), redis_prefix=prefix
+    )
+
+
+def close_stack(stack: Stack) -> None:
+    if stack.worker is not None:
+        stack.worker.stop()
+        stack.worker = None
+    V.close_qdrant(stack.common)
+    close_database(stack.common)
+    if stack.redis_prefix:
+        delete_redis_keys(stack.common.broker_url, stack.redis_prefix)
 
 
 @asynccontextmanager
