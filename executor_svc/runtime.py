@@ -63,7 +63,7 @@ class ExecutorRuntime:
         self.base_model = ""
         self.counters = Counters()
         self.failure: str | None = None
-        self._ready = asyncio.Event()
+        self._started = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -71,11 +71,12 @@ class ExecutorRuntime:
         """Load and warm the model, then build the adapter path. Sets ``failure`` on error."""
         try:
             await self._start()
-        except Exception as exc:
+        except BaseException as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
             log.exception("executor failed to start")
             raise
-        self._ready.set()
+        finally:
+            self._started.set()  # wakes waiting requests on success and on failure alike
 
     async def _start(self) -> None:
         import torch
@@ -179,20 +180,21 @@ class ExecutorRuntime:
                 await close()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        """Return once warm; UNAVAILABLE if start failed or ``timeout`` passes first."""
+        """Return once warm; UNAVAILABLE if start failed, the engine died, or ``timeout`` passes."""
+        if not self._started.is_set():
+            wait = self.settings.warmup_wait_s if timeout is None else timeout
+            try:
+                await asyncio.wait_for(self._started.wait(), wait)
+            except TimeoutError:
+                raise warming_up("model still loading") from None
         if self.failure:
             raise warming_up(f"start failed: {self.failure}")
-        if self._ready.is_set():
-            return
-        wait = self.settings.warmup_wait_s if timeout is None else timeout
-        try:
-            await asyncio.wait_for(self._ready.wait(), wait)
-        except TimeoutError:
-            raise warming_up(self.failure or "model still loading") from None
+        if self.engine is not None and self.engine.error is not None:
+            raise warming_up(f"engine stopped: {self.engine.error!r}")
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        return self._started.is_set() and self.failure is None
 
     # -- requests ------------------------------------------------------------------------------
 

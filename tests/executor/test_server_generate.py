@@ -163,3 +163,18 @@ async def test_slot_count_from_adapter_memory_budget(tiny_model_dir, tmp_path):
         stats = await stub.GetStats(executor_pb2.GetStatsRequest())
         assert stats.adapter_slots_total == 3
         assert stats.adapter_memory_bytes_total == 3 * 131072
+
+
+async def test_failed_start_stays_not_serving_and_answers_unavailable(tmp_path):
+    settings = executor_settings(tmp_path / "no-such-model", tmp_path / "data")
+    async with (
+        running_executor(settings, wait=False) as (server, stub),
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Generate(executor_pb2.GenerateRequest(prompt="hi"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "start failed" in info.value.details()
+        health = health_pb2_grpc.HealthStub(channel)
+        got = await health.Check(health_pb2.HealthCheckRequest())
+        assert got.status == health_pb2.HealthCheckResponse.NOT_SERVING
