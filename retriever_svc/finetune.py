@@ -39,6 +39,7 @@ class FineTuneConfig:
     warmup_fraction: float = 0.1
     seed: int = 0
     max_steps: int = 0  # 0 = no cap (a cap keeps tests and smoke runs short)
+    domain_weight: float = 0.0  # weight of the same-domain term (0 = off)
 
 
 @dataclass(slots=True)
@@ -50,8 +51,8 @@ class FineTuneResult:
 
 def make_batches(
     groups: dict[str, list[str]], batch_size: int, rng: random.Random
-) -> list[list[tuple[str, str]]]:
-    """One epoch of (anchor, positive) batches; each adapter at most once per batch.
+) -> list[list[tuple[str, str, str]]]:
+    """One epoch of (adapter, anchor, positive) batches; each adapter at most once per batch.
 
     Every training sample is an anchor once per epoch; its positive is another sample of the
     same adapter (itself when the adapter has a single sample).
@@ -60,14 +61,14 @@ def make_batches(
     for key, texts in groups.items():
         if texts:
             queues[key] = rng.sample(texts, len(texts))
-    batches: list[list[tuple[str, str]]] = []
+    batches: list[list[tuple[str, str, str]]] = []
     while queues:
         keys = sorted(queues, key=lambda k: (-len(queues[k]), rng.random()))[:batch_size]
         batch = []
         for key in keys:
             anchor = queues[key].pop()
             others = [t for t in groups[key] if t != anchor] or [anchor]
-            batch.append((anchor, rng.choice(others)))
+            batch.append((key, anchor, rng.choice(others)))
             if not queues[key]:
                 del queues[key]
         if len(batch) >= 2:
@@ -81,6 +82,7 @@ def fine_tune(
     out_dir: str | Path,
     config: FineTuneConfig,
     *,
+    domains: dict[str, str] | None = None,
     instruction_prefix: str = "",
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -112,11 +114,19 @@ def fine_tune(
     for batch in batches:
         if should_stop is not None and should_stop():
             raise InterruptedError("fine-tuning stopped")
-        anchors = _embed(model, [instruction_prefix + a for a, _ in batch])
-        positives = _embed(model, [instruction_prefix + p for _, p in batch])
+        anchors = _embed(model, [instruction_prefix + a for _, a, _ in batch])
+        positives = _embed(model, [instruction_prefix + p for _, _, p in batch])
         sim = config.scale * anchors @ positives.T
         labels = torch.arange(len(batch))
         loss = (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
+        if config.domain_weight > 0 and domains:
+            same = _same_domain([domains.get(k, "") for k, _, _ in batch])
+            loss = (
+                loss
+                + config.domain_weight
+                * (_multi_positive(sim, same) + _multi_positive(sim.T, same))
+                / 2
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -135,6 +145,23 @@ def fine_tune(
         final_loss=losses[-1] if losses else math.nan,
         mean_loss=sum(losses) / len(losses) if losses else math.nan,
     )
+
+
+def _same_domain(domains: list[str]) -> torch.Tensor:
+    """[B, B] bool: same non-empty domain, or the diagonal."""
+    n = len(domains)
+    same = torch.eye(n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            if domains[i] and domains[i] == domains[j]:
+                same[i, j] = True
+    return same
+
+
+def _multi_positive(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """-log of the softmax mass on the positives of each row (SupCon-style, Khosla et al. 2020)."""
+    masked = sim.masked_fill(~positive, float("-inf"))
+    return (torch.logsumexp(sim, dim=1) - torch.logsumexp(masked, dim=1)).mean()
 
 
 def _embed(model, texts: list[str]) -> torch.Tensor:

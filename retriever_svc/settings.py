@@ -77,6 +77,9 @@ class RetrieverSettings(BaseSettings):
     train_holdout_fraction: float = 0.2
     train_max_seq_length: int = 128
     train_max_steps: int = Field(0, description="Cap on optimizer steps; 0 = none.")
+    train_domain_weight: float = Field(
+        0.0, description="Weight of the same-domain contrastive term (adapters' domain field)."
+    )
     train_min_gain: float = Field(
         0.0,
         description="The new model must beat the current one's held-out top-1 by this much "

@@ -95,8 +95,10 @@ def _train(
     old_collection = V.active_collection(client)
     pool = reembed.read_pool(common, [base_model])
     groups: dict[str, list[str]] = {}
+    domains: dict[str, str] = {}
     for (adapter_id, _), entry in pool.items():  # latest version wins (sorted by version)
         groups[adapter_id] = entry.samples
+        domains[adapter_id] = entry.domain
     if len(groups) < 2:
         raise TrainingRefused(
             f"base model {base_model!r} has {len(groups)} READY adapter(s) with sample inputs; "
@@ -125,7 +127,13 @@ def _train(
             )
 
     trained = fine_tune(
-        old_dir, split.train, out_dir, cfg, instruction_prefix=prefix, progress=on_step
+        old_dir,
+        split.train,
+        out_dir,
+        cfg,
+        domains=domains,
+        instruction_prefix=prefix,
+        progress=on_step,
     )
     train_s = time.perf_counter() - started
     new_embedder = Embedder(out_dir, model_id=model_id, instruction_prefix=prefix)
@@ -219,6 +227,7 @@ def _config(request: dict[str, Any], settings: RetrieverSettings) -> FineTuneCon
         max_seq_length=settings.train_max_seq_length,
         seed=int(seed) if seed is not None else 0,
         max_steps=settings.train_max_steps,
+        domain_weight=settings.train_domain_weight,
     )
 
 

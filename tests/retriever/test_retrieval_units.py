@@ -134,13 +134,13 @@ def test_contrastive_batches_hold_each_adapter_once() -> None:
     groups = {f"t{i}": [f"t{i}-s{j}" for j in range(5 + i % 3)] for i in range(10)}
     groups["single"] = ["only one"]
     batches = make_batches(groups, batch_size=4, rng=random.Random(0))
-    anchors = [a for b in batches for a, _ in b]
+    anchors = [a for b in batches for _, a, _ in b]
     assert sorted(anchors) == sorted(t for ts in groups.values() for t in ts)  # each once
     for batch in batches:
-        owners = [a.split("-")[0] for a, _ in batch]
+        owners = [key for key, _, _ in batch]
         assert len(owners) == len(set(owners)) and 2 <= len(batch) <= 4
-        for a, p in batch:
-            assert a.split("-")[0] == p.split("-")[0]
+        for key, a, p in batch:
+            assert a in groups[key] and p in groups[key]
             assert a != p or a == "only one"
 
 

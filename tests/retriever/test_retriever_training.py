@@ -41,7 +41,7 @@ async def retrieve(st: Stack, prompts: list[str]) -> retriever_pb2.RetrieveRespo
 
 async def test_train_retriever_switches_collections(tmp_path, tiny_model_dir, tiny_adapters):
     async with retriever_stack(tmp_path, tiny_model_dir) as st:
-        await push_tasks(st, tiny_adapters)
+        await push_tasks(st, tiny_adapters, TASKS[:4])
         before = await retrieve(st, list(QUERIES.values()))
         client = V.open_qdrant(st.common)
         old = V.active_collection(client)
@@ -50,7 +50,7 @@ async def test_train_retriever_switches_collections(tmp_path, tiny_model_dir, ti
         assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.message
         progress = [u.progress for u in updates]
         assert progress == sorted(progress) and progress[-1] == 1.0 and len(updates) >= 3
-        assert job.metrics["steps"] == 3 and job.metrics["heldout_samples"] == len(TASKS)
+        assert job.metrics["steps"] == 3 and job.metrics["heldout_samples"] == 4
         assert job.metrics["heldout_top1_after"] >= job.metrics["heldout_top1_before"]
 
         new = job.result
@@ -61,7 +61,9 @@ async def test_train_retriever_switches_collections(tmp_path, tiny_model_dir, ti
         index = json.loads((st.common.data_dir / "models" / "index.json").read_text())
         assert index[new]["previous"] == old and index[new]["job_id"] == job.job_id
 
-        # The running retriever follows the alias and embeds with the new model.
+        # The running retriever follows the alias and embeds with the new model; an adapter
+        # pushed after the switch is ingested into the new collection with the new model.
+        await st.push("poetry", tiny_adapters[4], SAMPLES["poetry"], domain="poetry")
         after = await retrieve(st, list(QUERIES.values()))
         assert after.embedding_model == model_id != before.embedding_model
         assert [p.candidates[0].adapter_id for p in after.plans] == list(QUERIES)
