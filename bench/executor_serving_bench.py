@@ -9,6 +9,8 @@ EOS ignored via min_tokens) over ``--adapters`` rank-``--rank`` adapters on all 
     churn      one adapter per request, only --churn-slots slots: adapters swap in and out
     mixture2   two weighted adapters per request (MIXTURE), all resident
     fusion2    the same pairs as FUSION (rank 2r, one slot per pair)
+    pool       --pool registered adapters (default 1,000), --pool-slots GPU slots (64), requests
+               drawn Zipf(1) over the pool: the disk -> host cache -> slot path under churn
 
 Each case runs its workload twice and times the second run. Reported: wall time, generated
 tokens/s, time to first token p50/p99 (from the client), slot swap-ins during the timed run. Then adapter swap cost on this model: parse (safetensors -> host tensors) and
@@ -112,11 +114,37 @@ async def run_case(name, model_dir, adapter_dir, data_dir, args, *, slots, plans
                 ttft_p50_ms=pct(ttfts, 0.5),
                 ttft_p99_ms=pct(ttfts, 0.99),
                 swap_ins=rt.slots.loads - loads0,
+                host_cached=len(rt.store.host_cache.entries()),
             )
             if name == "resident":
                 await swap_cost(rt, adapter_dir, args)
     finally:
         await server.stop(grace=1)
+
+
+def write_pool(template: Path, root: Path, n: int) -> None:
+    """n adapters shaped like ``template`` with fresh random tensors (no PEFT: fast)."""
+    from safetensors.torch import load_file, save_file
+
+    config = (template / "adapter_config.json").read_text()
+    shapes = {
+        k: (t.shape, t.dtype) for k, t in load_file(template / "adapter_model.safetensors").items()
+    }
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        out = root / f"p{i}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adapter_config.json").write_text(config)
+        tensors = {
+            k: (torch.randn(shape, generator=g) * 0.02).to(dt) for k, (shape, dt) in shapes.items()
+        }
+        save_file(tensors, out / "adapter_model.safetensors")
+
+
+def zipf_indices(n: int, count: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, n + 1, dtype=torch.float64)
+    return torch.multinomial(weights, count, replacement=True, generator=g).tolist()
 
 
 async def swap_cost(rt, adapter_dir: Path, args) -> None:
@@ -157,6 +185,8 @@ async def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--churn-slots", type=int, default=4)
     parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--pool", type=int, default=1000)
+    parser.add_argument("--pool-slots", type=int, default=64)
     parser.add_argument(
         "--cases", nargs="*", default=["base", "resident", "churn", "mixture2", "fusion2"]
     )
@@ -166,7 +196,12 @@ async def main() -> None:
     adapter_dir = root / "adapters"
     for i in range(args.adapters):
         write_lora_adapter(
-            adapter_dir / f"a{i}", model_dir, rank=args.rank, alpha=2 * args.rank, seed=i
+            adapter_dir / f"a{i}",
+            model_dir,
+            rank=args.rank,
+            alpha=2 * args.rank,
+            seed=i,
+            dtype=torch.bfloat16,  # as adapters are usually shipped; parsed into the model dtype
         )
     dev = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     emit(
@@ -191,6 +226,11 @@ async def main() -> None:
         "mixture2": (n, lambda i: plan((f"a{i % n}", 0.6), (f"a{(i + 1) % n}", 0.4), strategy=mix)),
         "fusion2": (n, lambda i: plan((f"a{i % n}", 0.6), (f"a{(i + 1) % n}", 0.4), strategy=fus)),
     }
+    if "pool" in args.cases:
+        write_pool(adapter_dir / "a0", adapter_dir, args.pool)
+        draw = zipf_indices(args.pool, args.requests)
+        cases["pool"] = (args.pool_slots, lambda i: plan((f"p{draw[i]}", 1.0)))
+        emit(case="pool_workload", pool=args.pool, distinct_in_workload=len(set(draw)))
     for name in args.cases:
         slots, plans = cases[name]
         await run_case(
