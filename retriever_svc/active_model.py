@@ -121,8 +121,3 @@ def record_model(common: CommonSettings, collection: str, entry: dict[str, Any])
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
     tmp.replace(path)
-
-
-def read_index(common: CommonSettings) -> dict[str, Any]:
-    path = models_dir(common) / "index.json"
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -85,7 +85,6 @@ def fine_tune(
     domains: dict[str, str] | None = None,
     instruction_prefix: str = "",
     progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
 ) -> FineTuneResult:
     """Fine-tune the model at ``model_path`` on ``groups`` (adapter -> sample inputs); save it."""
     from sentence_transformers import SentenceTransformer
@@ -112,8 +111,6 @@ def fine_tune(
     losses: list[float] = []
     step = 0
     for batch in batches:
-        if should_stop is not None and should_stop():
-            raise InterruptedError("fine-tuning stopped")
         anchors = _embed(model, [instruction_prefix + a for _, a, _ in batch])
         positives = _embed(model, [instruction_prefix + p for _, _, p in batch])
         sim = config.scale * anchors @ positives.T

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from loraserve import vectors as V
 from loraserve.api.v1 import common_pb2
-from loraserve.settings import CommonSettings
 from retriever_svc.active_model import ActiveIndex
 from retriever_svc.plans import build_plan
 from retriever_svc.scoring import Mode, Scored, rank
@@ -29,9 +28,7 @@ class PromptResult:
     truncated: bool
 
 
-def retrieve(
-    settings: RetrieverSettings, index: ActiveIndex, query: Query, common: CommonSettings
-) -> list[PromptResult]:
+def retrieve(settings: RetrieverSettings, index: ActiveIndex, query: Query) -> list[PromptResult]:
     """One PromptResult per prompt of ``query``, in order."""
     embedded = index.embedder.embed(query.prompts)
     k = query.top_k
@@ -43,7 +40,7 @@ def retrieve(
             0 if query.mode is Mode.CENTROID else centroid_limit * settings.samples_per_candidate
         )
         all_hits = search(
-            V.open_qdrant(common),
+            V.open_qdrant(settings.common),
             index.collection,
             embedded.vectors,
             query.search,

@@ -6,7 +6,8 @@
 
 Measured on the 48-task pool with all-MiniLM-L6-v2 (bench/retrieval_quality.py,
 docs/benchmarks.md): nearest-sample alone ranks worse than the centroid at top-1, the
-combination (w = 0.7, m = 1) a little better; hence the defaults.
+combination (w = 0.7, m = 1) a little better. CENTROID stays the default: the paper's recipe,
+one request per prompt instead of two.
 """
 
 from __future__ import annotations

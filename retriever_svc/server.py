@@ -39,9 +39,7 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
         index = await asyncio.to_thread(self.active.current)
         client = V.open_qdrant(self.settings.common)
         await self.base_models.require(client, index.collection, query.search.base_model)
-        results = await asyncio.to_thread(
-            retrieve, self.settings, index, query, self.settings.common
-        )
+        results = await asyncio.to_thread(retrieve, self.settings, index, query)
         return index, results
 
     async def Retrieve(self, request, context):  # noqa: N802 - gRPC method name

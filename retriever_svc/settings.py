@@ -18,7 +18,11 @@ class RetrieverSettings(BaseSettings):
     common: CommonSettings = Field(default_factory=CommonSettings)
 
     # Embedding.
-    instruction_prefix: str = Field("", description="Prepended to prompts and sample inputs.")
+    instruction_prefix: str = Field(
+        "",
+        description="Prepended to prompts (and to samples by TrainRetriever); must match what "
+        "the registry's ingestion prepends to sample inputs, which is nothing today.",
+    )
     embedding_cache_size: int = Field(4096, description="LRU cache of prompt embeddings.")
 
     # Request limits.

@@ -20,6 +20,7 @@ Nothing half-written on failure: the new collection and model directory are remo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -32,7 +33,8 @@ from celery import shared_task
 from loraserve import vectors as V
 from loraserve.embedding import Embedder
 from loraserve.settings import CommonSettings
-from registry_svc.jobs import FAILED, RUNNING, SUCCEEDED, update_job
+from registry_svc.db import open_database
+from registry_svc.jobs import FAILED, RUNNING, SUCCEEDED, TERMINAL_STATES, get_job, update_job
 from retriever_svc import reembed
 from retriever_svc.active_model import model_dir_for_collection, models_dir, record_model
 from retriever_svc.finetune import FineTuneConfig, fine_tune
@@ -58,6 +60,10 @@ def train_retriever(self: Any, job_id: str, request: dict[str, Any]) -> str:
 def run_training(settings: RetrieverSettings, job_id: str, request: dict[str, Any]) -> str:
     """Run one job to its end; returns the new collection, or "" when the job failed."""
     common = settings.common
+    done = get_job(open_database(common), job_id)
+    if done is not None and done.state in TERMINAL_STATES:  # redelivered after it ended
+        log.warning("train_retriever %s already %s; not run again", job_id, done.state)
+        return done.result
     report = _Reporter(common, job_id)
     cleanup: list[Any] = []
     try:
@@ -113,7 +119,8 @@ def _train(
     report(progress=0.03, message=f"held-out check of the current model ({old_dir.name})")
     before = accuracy(Embedder(old_dir, instruction_prefix=prefix), split)
 
-    model_id = f"retriever-ft-{job_id[:12]}"
+    # Job ids share a prefix ("train-retriever-..."): name the model after a hash of the id.
+    model_id = f"retriever-ft-{hashlib.sha256(job_id.encode()).hexdigest()[:12]}"
     out_dir = models_dir(common) / model_id
     cleanup.append(out_dir)
     started = time.perf_counter()
@@ -171,6 +178,8 @@ def _train(
     )
 
     new_collection = V.collection_name(model_id)
+    if new_collection == old_collection:
+        raise TrainingRefused(f"job {job_id} already produced the active {new_collection}")
     cleanup.append((client, new_collection))
     reembed.create_collection(client, new_collection, new_embedder.dim, model_id, str(out_dir))
     tenants = reembed.base_models_in(client, old_collection) | {base_model}

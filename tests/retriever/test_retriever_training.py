@@ -10,6 +10,11 @@ from retriever_fixtures import BASE, QUERIES, SAMPLES, Stack, retriever_stack
 
 from loraserve import vectors as V
 from loraserve.api.v1 import jobs_pb2, retriever_pb2
+from loraserve.settings import CommonSettings
+from registry_svc import jobs
+from registry_svc.db import open_database
+from retriever_svc.settings import RetrieverSettings
+from retriever_svc.training import run_training
 
 TASKS = ("sentiment", "translation", "arithmetic", "sql", "poetry")
 
@@ -92,3 +97,13 @@ async def test_failing_heldout_check_keeps_the_old_collection(
         assert not any((st.common.data_dir / "models").glob("retriever-ft-*"))
         resp = await retrieve(st, [QUERIES["sql"]])
         assert not resp.embedding_model.startswith("retriever-ft-")
+
+
+def test_a_redelivered_finished_job_is_not_run_again(tmp_path) -> None:
+    common = CommonSettings(data_dir=tmp_path / "data")
+    db = open_database(common)
+    jobs.create_job(db, "train-retriever-1", jobs.KIND_TRAIN_RETRIEVER)
+    jobs.set_job(db, "train-retriever-1", state=jobs.SUCCEEDED, result="adapters__x")
+    settings = RetrieverSettings(common=common)
+    assert run_training(settings, "train-retriever-1", {"base_model": BASE}) == "adapters__x"
+    assert jobs.get_job(db, "train-retriever-1").state == jobs.SUCCEEDED
