@@ -51,7 +51,13 @@ def _bad(why: str) -> InvalidArgument:
     return InvalidArgument.field(WEIGHTS_FILE, why)
 
 
-def read_header(path: Path, *, max_header_bytes: int) -> dict[str, TensorInfo]:
+@dataclass(slots=True, frozen=True)
+class SafetensorsHeader:
+    tensors: dict[str, TensorInfo]
+    data_offset: int  # where the data section starts (tensor offsets are relative to it)
+
+
+def read_header(path: Path, *, max_header_bytes: int) -> SafetensorsHeader:
     """The tensors of a safetensors file, checked for consistency with the file's size."""
     size = path.stat().st_size
     if size < 8:
@@ -91,7 +97,7 @@ def read_header(path: Path, *, max_header_bytes: int) -> dict[str, TensorInfo]:
         raise _bad(
             f"is truncated or padded: tensors cover {covered} bytes, data section has {buffer_len}"
         )
-    return tensors
+    return SafetensorsHeader(tensors=tensors, data_offset=8 + n)
 
 
 def _tensor(name: str, entry: object, buffer_len: int) -> TensorInfo:

@@ -14,14 +14,27 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from loraserve.errors import InvalidArgument
 from registry_svc.basemodels import BaseModelInfo
 from registry_svc.names import WEIGHTS_FILE
 from registry_svc.peft_config import LoraSpec, parse_adapter_config
-from registry_svc.safetensors_header import ALLOWED_DTYPES, TensorInfo, read_header
+from registry_svc.safetensors_header import (
+    ALLOWED_DTYPES,
+    SafetensorsHeader,
+    TensorInfo,
+    read_header,
+)
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<half>[AB])\.weight")
 _MODULE = re.compile(r"model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<short>[a-z_]+)")
+# A float is NaN or Inf exactly when its exponent bits are all ones.
+_EXPONENT_BITS = {
+    "F16": (np.uint16, np.uint16(0x7C00)),
+    "BF16": (np.uint16, np.uint16(0x7F80)),
+    "F32": (np.uint32, np.uint32(0x7F800000)),
+}
 _KNOWN_UNSUPPORTED = {
     "lora_magnitude_vector": "DoRA weights (lora_magnitude_vector) are not supported",
     "lora_embedding_": "LoRA on embeddings is not supported",
@@ -61,7 +74,8 @@ def validate_adapter(
     """Everything the registry checks; InvalidArgument (with field violations) on the first
     failing stage. ``check_values`` reads every tensor to refuse NaN/Inf."""
     spec = parse_adapter_config(config_bytes, max_rank=max_rank)
-    tensors = read_header(weights_path, max_header_bytes=max_header_bytes)
+    header = read_header(weights_path, max_header_bytes=max_header_bytes)
+    tensors = header.tensors
     if not tensors:
         raise _bad("contains no tensors")
     halves = _split_keys(tensors)
@@ -74,7 +88,7 @@ def validate_adapter(
     if len(dtypes) > 1:
         raise _bad(f"mixes dtypes {sorted(dtypes)}; save every tensor in one dtype")
     if check_values:
-        _check_finite(weights_path)
+        _check_finite(weights_path, header)
     shorts = sorted({_MODULE.fullmatch(s.module)["short"] for s in scales})  # type: ignore[index]
     return ValidatedAdapter(
         spec=spec,
@@ -143,13 +157,18 @@ def _check_module(
     return ModuleScaleInfo(module=module, rank=rank, alpha=alpha, scale=spec.scale(rank, alpha))
 
 
-def _check_finite(weights_path: Path) -> None:
-    import torch
-    from safetensors import safe_open
-
-    with safe_open(str(weights_path), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-            tensor = f.get_tensor(key)
-            if not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
+def _check_finite(weights_path: Path, header: SafetensorsHeader) -> None:
+    """Refuse NaN/Inf by their bit pattern (exponent all ones), on a memory map of the file:
+    no tensor library, no copy of the file; ~40 MB/50 ms on one core."""
+    if not any(t.end > t.begin for t in header.tensors.values()):
+        return
+    raw = np.memmap(weights_path, dtype=np.uint8, mode="r", offset=header.data_offset)
+    try:
+        for key, info in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):
+            int_type, exponent = _EXPONENT_BITS[info.dtype]
+            bits = raw[info.begin : info.end].view(int_type)
+            bad = int(np.count_nonzero((bits & exponent) == exponent))
+            if bad:
                 raise _bad(f"tensor {key!r} has {bad} NaN/Inf values")
+    finally:
+        del raw
