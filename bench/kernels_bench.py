@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the JSON lines here")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = ap.parse_args()
-    rep = 20 if args.quick else 100
+    rep = 20 if args.quick else 50
     head = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
