@@ -28,6 +28,7 @@ async def push_adapter(
     ctx: RegistryContext, requests: AsyncIterator[registry_pb2.PushAdapterRequest]
 ) -> tuple[AdapterRow, JobRecord]:
     upload = await receive_upload(requests, ctx.settings, ctx.blobs)
+    handed_over = False
     try:
         for spool in upload.spools.values():
             spool.finish()
@@ -48,11 +49,13 @@ async def push_adapter(
             max_header_bytes=ctx.settings.max_header_bytes,
         )
         new = _new_adapter(upload, base_model_id, validated)
-        row = await asyncio.to_thread(_commit_and_record, ctx, upload, new)
+        # From here on the upload is complete and valid: a client that cancels now does not
+        # stop it half-way (a record without its ingestion job); the thread cleans up.
+        handed_over = True
+        return await asyncio.shield(asyncio.to_thread(_commit_record_dispatch, ctx, upload, new))
     finally:
-        upload.discard()
-    job = await asyncio.to_thread(dispatch_ingest, ctx.celery, ctx.db, row)
-    return row, job
+        if not handed_over:
+            upload.discard()
 
 
 def _config_base_model(config_bytes: bytes) -> str:
@@ -94,11 +97,17 @@ def _new_adapter(upload: Upload, base_model_id: str, v: ValidatedAdapter) -> New
     )
 
 
-def _commit_and_record(ctx: RegistryContext, upload: Upload, new: NewAdapter) -> AdapterRow:
-    with ctx.blobs.lock:
-        shas = [ctx.blobs.commit(spool) for spool in upload.spools.values()]
-        try:
-            return create_adapter(ctx.db, new)
-        except BaseException:
-            ctx.blobs.delete_unreferenced(referenced_blobs(ctx.db), candidates=shas)
-            raise
+def _commit_record_dispatch(
+    ctx: RegistryContext, upload: Upload, new: NewAdapter
+) -> tuple[AdapterRow, JobRecord]:
+    try:
+        with ctx.blobs.lock:
+            shas = [ctx.blobs.commit(spool) for spool in upload.spools.values()]
+            try:
+                row = create_adapter(ctx.db, new)
+            except BaseException:
+                ctx.blobs.delete_unreferenced(referenced_blobs(ctx.db), candidates=shas)
+                raise
+    finally:
+        upload.discard()
+    return row, dispatch_ingest(ctx.celery, ctx.db, row)
