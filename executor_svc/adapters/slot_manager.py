@@ -12,6 +12,9 @@ tokens name slots, never adapters. This module decides which adapter lives in wh
   never holds some of its slots while waiting for the rest (no hold-and-wait deadlock).
 - A request whose adapter is loading waits on that slot's ``ready`` future only; requests for
   resident adapters go ahead. Requests for the same cold adapter share one load.
+- Requests that need a slot are served oldest first: a newcomer does not take a freed slot
+  while older requests wait for one (a waiter needing two slots may still be passed by
+  younger ones needing one, when only one is free).
 - When too few slots are free or evictable (all referenced by running requests, or pinned),
   ``acquire`` waits up to its timeout for releases, then raises RESOURCE_EXHAUSTED with
   RetryInfo. A slot in use is never evicted; a pinned slot never.
@@ -129,7 +132,10 @@ class SlotManager:
             )
         wait = self._wait_timeout_s if timeout is None else min(timeout, self._wait_timeout_s)
         deadline = time.monotonic() + wait
-        lease = self._try_reserve(keys)
+        # No overtaking: while requests wait for a slot, a newcomer that needs one queues
+        # behind them (the event wakes waiters oldest first). Resident adapters never wait.
+        barging = self.waiting and any(k not in self._by_key for k in keys)
+        lease = None if barging else self._try_reserve(keys)
         if lease is None:
             self.waiting += 1
             try:
@@ -143,6 +149,8 @@ class SlotManager:
                     lease = self._try_reserve(keys)
             finally:
                 self.waiting -= 1
+                if lease is None:  # gave up: a slot this request could not use may fit others
+                    self._notify()
         if pin:
             for slot in lease.slots:
                 slot.pinned = True

@@ -129,6 +129,22 @@ async def test_slot_in_use_is_never_evicted_and_full_pool_is_exhausted(
     assert slots.waiting == 0
 
 
+async def test_newcomer_does_not_overtake_a_waiting_request(tiny_model_dir, adapter_root):
+    _, _, slots = make(tiny_model_dir, adapter_root, wait=0.3)
+    la, lb = await slots.acquire([K("a")]), await slots.acquire([K("b")])
+    older = asyncio.ensure_future(slots.acquire([K("c")], timeout=5))
+    await asyncio.sleep(0.02)
+    la.release()  # frees one slot; "older" has waited for it
+    newer = asyncio.ensure_future(slots.acquire([K("d")], timeout=0.3))
+    lc = await older
+    with pytest.raises(ResourceExhausted):
+        await newer
+    resident_again = await slots.acquire([K("b")])  # resident adapters never queue
+    for lease in (lb, lc, resident_again):
+        lease.release()
+    assert slots.waiting == 0
+
+
 async def test_pinned_slot_is_never_evicted(tiny_model_dir, adapter_root):
     _, _, slots = make(tiny_model_dir, adapter_root, wait=0.1)
     (await slots.acquire([K("a")], pin=True)).release()
