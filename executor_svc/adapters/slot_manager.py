@@ -149,7 +149,9 @@ class SlotManager:
                     lease = self._try_reserve(keys)
             finally:
                 self.waiting -= 1
-                if lease is None:  # gave up: a slot this request could not use may fit others
+                # Leaving the queue (served or given up), let the rest re-check: a slot this
+                # request could not use, or a second slot freed by the same release, may fit.
+                if self.waiting:
                     self._notify()
         if pin:
             for slot in lease.slots:

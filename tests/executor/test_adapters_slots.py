@@ -243,3 +243,20 @@ async def test_fusion_key_is_built_once_and_occupies_one_slot(tiny_model_dir, ad
         fused.adapter_id.startswith("fusion-")
         and fused.adapter_id == FusionKey(((K("a"), 0.25), (K("b"), 0.75))).adapter_id
     )
+
+
+async def test_two_slots_freed_at_once_serve_a_waiter_and_a_newcomer(tiny_model_dir, adapter_root):
+    _, _, slots = make(tiny_model_dir, adapter_root, slots=2, wait=2.0)
+    mix = await slots.acquire([K("a"), K("b")])  # one release will free both slots
+    w1 = asyncio.ensure_future(slots.acquire([K("c")]))
+    await asyncio.sleep(0.02)
+    (await slots.acquire([K("a")])).release()  # resident: goes ahead of the queue
+    t0 = time.perf_counter()
+    mix.release()
+    # Arrives after the wake-up went out but before w1 ran: it queues behind w1, and must be
+    # woken again once w1 took its slot (the second slot is free), not at its timeout.
+    w3 = asyncio.ensure_future(slots.acquire([K("d")]))
+    l1, l3 = await w1, await w3
+    assert time.perf_counter() - t0 < 0.5
+    l1.release()
+    l3.release()
