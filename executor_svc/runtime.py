@@ -8,7 +8,8 @@ One request (``generate``), with where each resource is taken and given back::
 
     admit          queue_depth += 1           RESOURCE_EXHAUSTED + RetryInfo if the queue is full
     resolve plan   version 0 -> latest READY  NOT_FOUND for an unknown adapter
-    acquire slots  Lease (refs on slots)      waits for loads / free slots; 429 when all busy
+    acquire slots  Lease (refs on slots)      waits for loads / free slots, oldest first;
+                                              RESOURCE_EXHAUSTED + RetryInfo when all stay busy
     engine         KV blocks                  TokenEvents until finish_reason
     finally        aclose(engine stream)      aborts the request in the engine: KV freed
                    lease.release()            refs back; slots evictable again
