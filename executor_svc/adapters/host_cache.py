@@ -55,20 +55,21 @@ class HostCache:
         self._entries.move_to_end(key)
         return entry[0]
 
-    def put(self, key: Key, weights: AdapterWeights) -> AdapterWeights:
-        """Cache ``weights`` (pinned when enabled) and return the cached object."""
+    def prepare(self, weights: AdapterWeights) -> AdapterWeights:
+        """Pinned copies when pinning is on. Slow for big adapters: call it off the event loop."""
+        return pin_weights(weights) if self._pin else weights
+
+    def put(self, key: Key, weights: AdapterWeights) -> None:
+        """Cache ``weights`` (already :meth:`prepare`-d), evicting LRU entries over budget."""
         self.pop(key)
         nbytes = weights_nbytes(weights)
         if nbytes > self.budget_bytes:
-            return weights
-        if self._pin:
-            weights = pin_weights(weights)
+            return
         while self._entries and self.used_bytes + nbytes > self.budget_bytes:
             _, (_, freed) = self._entries.popitem(last=False)
             self.used_bytes -= freed
         self._entries[key] = (weights, nbytes)
         self.used_bytes += nbytes
-        return weights
 
     def pop(self, key: Key) -> None:
         entry = self._entries.pop(key, None)

@@ -98,4 +98,6 @@ class AdapterStore:
             except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
                 # Malformed or unsupported files: retrying will not help, tell the caller why.
                 raise adapter_incompatible(str(key), str(exc)) from exc
-        return self.host_cache.put(key, built)
+        prepared = await asyncio.to_thread(self.host_cache.prepare, built)
+        self.host_cache.put(key, prepared)
+        return prepared
