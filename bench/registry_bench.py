@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -121,6 +122,41 @@ def wait_ready(stub, adapter_id: str, version: int, timeout: float = 120) -> com
     raise TimeoutError(adapter_id)
 
 
+def watch_phases(stub, prefix: str) -> dict[str, dict[int, float]]:
+    """Follow WatchAdapters in a thread: adapter id -> {status: update_time}."""
+    seen: dict[str, dict[int, float]] = {}
+    stream = stub.WatchAdapters(
+        R.WatchAdaptersRequest(filter=R.AdapterFilter(adapter_id_prefix=prefix))
+    )
+
+    def follow() -> None:
+        try:
+            for event in stream:
+                a = event.adapter
+                seen.setdefault(a.adapter_id, {})[a.status] = a.update_time.ToNanoseconds() / 1e9
+        except grpc.RpcError:
+            pass  # cancelled at exit
+
+    threading.Thread(target=follow, daemon=True).start()
+    time.sleep(0.5)  # the stream is established before the first push
+    return seen
+
+
+def phase_medians(seen: dict[str, dict[int, float]], prefix: str) -> dict[str, float]:
+    """Median seconds spent queued (PENDING), validating, embedding + writing vectors."""
+    S = common_pb2
+    steps = {"queued_s_p50": (S.ADAPTER_STATUS_PENDING, S.ADAPTER_STATUS_VALIDATING),
+             "validate_s_p50": (S.ADAPTER_STATUS_VALIDATING, S.ADAPTER_STATUS_EMBEDDING),
+             "embed_index_s_p50": (S.ADAPTER_STATUS_EMBEDDING, S.ADAPTER_STATUS_READY)}  # fmt: skip
+    out = {}
+    for key, (a, b) in steps.items():
+        spans = [
+            t[b] - t[a] for name, t in seen.items() if name.startswith(prefix) and a in t and b in t
+        ]
+        out[key] = round(statistics.median(spans), 3) if spans else None
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     return (
         statistics.quantiles(values, n=100, method="inclusive")[q - 1]
@@ -197,6 +233,7 @@ def main() -> None:
                         "--without-mingle", "--without-gossip"], env, log)  # fmt: skip
         warm = push(stub, "warmup", small, 1 << 20)  # waits for the worker and its model
         wait_ready(stub, "warmup", warm.adapter.version, timeout=300)
+        phases = watch_phases(stub, "ing-")
         for name, adapter_dir in (("small", small), ("40mb", big)):
             client_s, server_s = [], []
             for i in range(args.runs):
@@ -211,7 +248,8 @@ def main() -> None:
                  broker=args.broker, samples_per_adapter=SAMPLES_PER_ADAPTER,
                  client_s_p50=round(statistics.median(client_s), 3),
                  client_s_p90=round(pct(client_s, 90), 3), client_s_max=round(max(client_s), 3),
-                 server_s_p50=round(statistics.median(server_s), 3))  # fmt: skip
+                 server_s_p50=round(statistics.median(server_s), 3),
+                 **phase_medians(phases, f"ing-{name}-"))  # fmt: skip
     except BaseException:
         print(log.read_text()[-3000:], file=sys.stderr)
         raise
