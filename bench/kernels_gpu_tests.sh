@@ -29,6 +29,7 @@ if [ "${SKIP_TUNE:-0}" != 1 ]; then
   python3 -m kernels.tune > "$OUT/tune.jsonl" && cp kernels/configs/NVIDIA*.json "$OUT/"
   grep '"best"\|written\|error' "$OUT/tune.jsonl" | cut -c1-400
 fi
+python3 -m kernels._profile_eager 2>&1 | grep -v "^$" | cut -c1-160 | head -32
 python3 bench/kernels_bench.py --out "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1
 status=$?
 grep -v '^{' "$OUT/bench.log"
