@@ -124,9 +124,10 @@ def delete_redis_keys(url: str, prefix: str) -> int:
         client.close()
 
 
-def make_stack(data_dir: Path, broker_url: str = "", **overrides) -> Stack:
+def make_stack(data_dir: Path, broker_url: str = "", qdrant_url: str = "", **overrides) -> Stack:
+    """Settings and Celery app of a deployment in ``data_dir`` (Redis when ``broker_url``)."""
     prefix = f"loraserve-test-{uuid.uuid4().hex[:12]}:" if broker_url else ""
-    common = CommonSettings(data_dir=data_dir, broker_url=broker_url)
+    common = CommonSettings(data_dir=data_dir, broker_url=broker_url, qdrant_url=qdrant_url)
     settings = RegistrySettings(
         common=common, broker_key_prefix=prefix, **{**TEST_SETTINGS, **overrides}
     )
