@@ -1,11 +1,14 @@
 """LoRA expand: y += w * scale * h @ B.T for every (token, adapter) pair, several slices.
 
-One program per (tile, BLOCK_N columns, slice). The program sums the shrink's split-K
-partials, applies each token's mixture weight and each adapter's scale, rounds to the
-weights' dtype (as PEFT does between lora_A and lora_B) and multiplies by the *stacked* B
-columns of the tile's plan on the tensor cores, so the K adapters of a token are one dot and y
-is read and written once per token, with no atomics. Slices (fused qkv, gate/up) are a grid
-axis: slice s writes y[:, off_s : off_s + out_s].
+One program per (tile, BLOCK_N columns, slice). For each adapter of the tile's plan it sums
+the shrink's split-K partials, applies each row's mixture weight and the adapter's scale,
+rounds to the weights' dtype (as PEFT does between lora_A and lora_B) and multiplies by the
+adapter's B rows on the tensor cores; the program then writes y once for all of the tile's
+adapters, so y is read and written once per token in plan mode, without atomics (column mode
+runs one launch per column; see kernels.metadata). Slices (fused qkv, gate/up) are a grid
+axis: slice s writes y[:, off_s : off_s + out_s]. Launched as a programmatic dependent of the
+shrink on Hopper: everything that does not depend on h (y, B, weights, scales) is requested
+before ``griddepcontrol.wait``, so it overlaps the shrink.
 
 Based on: Punica (Chen et al. 2023) SGMV/BGMV expand, S-LoRA (Sheng et al. 2023), vLLM punica
 ops. Ideas only; the code is ours.
