@@ -19,6 +19,7 @@ client per path per process so every component of a process shares it.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import uuid
@@ -113,6 +114,31 @@ def set_active_collection(client: QdrantClient, name: str) -> None:
     client.update_collection_aliases(change_aliases_operations=ops)
 
 
+class SerializedQdrant:
+    """A local-mode client whose calls run one at a time.
+
+    Local mode is plain in-process Python state: in the one-machine default the Celery worker
+    threads upsert while the retriever searches, and unsynchronised calls can see (or raise
+    on) collections mid-update. Server clients need no lock and are returned bare.
+    """
+
+    def __init__(self, client: QdrantClient):
+        self._client = client
+        self._lock = threading.RLock()
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call
+
+
 _clients: dict[str, QdrantClient] = {}
 _clients_lock = threading.Lock()
 
@@ -129,8 +155,8 @@ def open_qdrant(settings: CommonSettings) -> QdrantClient:
                 )
             else:
                 Path(settings.qdrant_path).mkdir(parents=True, exist_ok=True)
-                client = QdrantClient(path=str(settings.qdrant_path))
-            _clients[key] = client
+                client = SerializedQdrant(QdrantClient(path=str(settings.qdrant_path)))
+            _clients[key] = client  # type: ignore[assignment] - same interface
         return client
 
 
