@@ -24,6 +24,7 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
 
+
 Architecture = Literal["llama", "mistral", "qwen2"]
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -12,7 +12,9 @@ def main(argv: list[str]) -> int:
     address = argv[1] if len(argv) > 1 else "127.0.0.1:50151"
     try:
         with grpc.insecure_channel(address) as channel:
-            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=3
+            )
     except grpc.RpcError as exc:
         print(f"{address}: {exc.code().name}", file=sys.stderr)
         return 1

@@ -23,6 +23,7 @@ import functools
 import re
 import threading
 import uuid
+import warnings
 from pathlib import Path
 
 from qdrant_client import QdrantClient, models
@@ -81,8 +82,11 @@ def ensure_collection(client: QdrantClient, name: str, dim: int) -> None:
         client.create_collection(
             name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
         )
-        for field, schema in INDEXED_FIELDS.items():
-            client.create_payload_index(name, field_name=field, field_schema=schema)
+        # Local mode warns that indexes are no-ops there; they matter on a Qdrant server.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Payload indexes have no effect")
+            for field, schema in INDEXED_FIELDS.items():
+                client.create_payload_index(name, field_name=field, field_schema=schema)
 
 
 def active_collection(client: QdrantClient) -> str | None:
