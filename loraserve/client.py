@@ -48,6 +48,8 @@ def _adapter_bytes(adapter_dir: Path) -> int:
 
 
 class _Base:
+    """What the sync and async clients share: addresses, stubs, request building, checks."""
+
     def __init__(
         self,
         registry: str | None = None,
@@ -68,8 +70,63 @@ class _Base:
         token = token if token is not None else common.client_token
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
 
-    def _plan_from(self, plan: rq.PlanLike, strategy) -> common_pb2.LoraPlan | None:
-        return rq.to_plan(plan, strategy)
+    def _channel(self, address: str):  # a sync or an aio channel, cached per address
+        raise NotImplementedError
+
+    @property
+    def registry(self) -> registry_pb2_grpc.RegistryServiceStub:
+        return registry_pb2_grpc.RegistryServiceStub(self._channel(self.registry_address))
+
+    @property
+    def retriever(self) -> retriever_pb2_grpc.RetrieverServiceStub:
+        return retriever_pb2_grpc.RetrieverServiceStub(self._channel(self.retriever_address))
+
+    def executor(self, address: str) -> executor_pb2_grpc.ExecutorServiceStub:
+        return executor_pb2_grpc.ExecutorServiceStub(self._channel(address))
+
+    def _push_requests(
+        self,
+        path: str | Path,
+        adapter_id: str,
+        base_model: str | None,
+        progress: bool,
+        header: dict,
+    ):
+        """(request iterator, progress bar or None) for PushAdapter."""
+        from loraserve.upload import iter_push_requests
+
+        adapter_dir = Path(path)
+        head = rq.push_header(adapter_dir, adapter_id, base_model or self.base_model, **header)
+        bar = _progress_bar(_adapter_bytes(adapter_dir), f"push {adapter_id}") if progress else None
+        return iter_push_requests(adapter_dir, head, on_progress=bar.update if bar else None), bar
+
+    @staticmethod
+    def _ready_or_none(
+        adapter: common_pb2.Adapter, deadline: float, timeout: float
+    ) -> common_pb2.Adapter | None:
+        """The adapter when READY, None to keep polling; FAILED or the deadline raise."""
+        if adapter.status == READY:
+            return adapter
+        if adapter.status == FAILED:
+            raise FailedPrecondition(
+                f"adapter {adapter.adapter_id}@{adapter.version} failed: {adapter.failure_reason}"
+            )
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"adapter {adapter.adapter_id} not READY after {timeout:.0f}s")
+        return None
+
+    @staticmethod
+    def _list_request(
+        page_size: int, token: str, filter_fields: dict
+    ) -> registry_pb2.ListAdaptersRequest:
+        return registry_pb2.ListAdaptersRequest(
+            filter=registry_pb2.AdapterFilter(**filter_fields),
+            page_size=page_size,
+            page_token=token,
+        )
+
+    def _route_request(self, plan: common_pb2.LoraPlan) -> retriever_pb2.RouteRequest:
+        return retriever_pb2.RouteRequest(plan=plan, base_model=self.base_model)
 
 
 class Client(_Base):
@@ -90,17 +147,6 @@ class Client(_Base):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    @property
-    def registry(self) -> registry_pb2_grpc.RegistryServiceStub:
-        return registry_pb2_grpc.RegistryServiceStub(self._channel(self.registry_address))
-
-    @property
-    def retriever(self) -> retriever_pb2_grpc.RetrieverServiceStub:
-        return retriever_pb2_grpc.RetrieverServiceStub(self._channel(self.retriever_address))
-
-    def executor(self, address: str) -> executor_pb2_grpc.ExecutorServiceStub:
-        return executor_pb2_grpc.ExecutorServiceStub(self._channel(address))
-
     # Registry -------------------------------------------------------------------------------
     def register_base_model(
         self, base_model_id: str, model_dir_or_config: str | Path
@@ -120,15 +166,8 @@ class Client(_Base):
         **header,
     ) -> common_pb2.Adapter:
         """Upload a PEFT adapter directory in chunks (with a progress bar); optionally wait for READY."""
-        from loraserve.upload import iter_push_requests
-
-        adapter_dir = Path(path)
-        head = rq.push_header(adapter_dir, adapter_id, base_model or self.base_model, **header)
-        bar = _progress_bar(_adapter_bytes(adapter_dir), f"push {adapter_id}") if progress else None
+        requests, bar = self._push_requests(path, adapter_id, base_model, progress, header)
         try:
-            requests = iter_push_requests(
-                adapter_dir, head, on_progress=bar.update if bar else None
-            )
             adapter = self._call(
                 self.registry.PushAdapter, requests, timeout=max(self.timeout, 600)
             ).adapter
@@ -144,17 +183,11 @@ class Client(_Base):
     ) -> common_pb2.Adapter:
         """Poll until the version is READY; FAILED raises FailedPrecondition with the reason."""
         deadline = time.monotonic() + timeout
-        while True:
-            adapter = self.get_adapter(adapter_id, version)
-            if adapter.status == READY:
-                return adapter
-            if adapter.status == FAILED:
-                raise FailedPrecondition(
-                    f"adapter {adapter_id}@{adapter.version} failed: {adapter.failure_reason}"
-                )
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(f"adapter {adapter_id} not READY after {timeout:.0f}s")
+        while (
+            ready := self._ready_or_none(self.get_adapter(adapter_id, version), deadline, timeout)
+        ) is None:
             time.sleep(0.1)
+        return ready
 
     def get_adapter(self, adapter_id: str, version: int = 0) -> common_pb2.Adapter:
         req = registry_pb2.GetAdapterRequest(adapter_id=adapter_id, version=version)
@@ -164,12 +197,9 @@ class Client(_Base):
         """Every adapter matching the filter, page by page."""
         token = ""
         while True:
-            req = registry_pb2.ListAdaptersRequest(
-                filter=registry_pb2.AdapterFilter(**filter_fields),
-                page_size=page_size,
-                page_token=token,
+            resp = self._call(
+                self.registry.ListAdapters, self._list_request(page_size, token, filter_fields)
             )
-            resp = self._call(self.registry.ListAdapters, req)
             yield from resp.adapters
             token = resp.next_page_token
             if not token:
@@ -189,16 +219,12 @@ class Client(_Base):
     def _resolve(
         self, prompt: str, plan: rq.PlanLike, strategy, top_k: int
     ) -> tuple[common_pb2.LoraPlan, str]:
-        lora_plan = self._plan_from(plan, strategy)
+        lora_plan = rq.to_plan(plan, strategy)
         if lora_plan is None:
             lora_plan = self.retrieve([prompt], top_k=top_k, strategy=strategy).plans[0].plan
         if self.executor_address:
             return lora_plan, self.executor_address
-        route = self._call(
-            self.retriever.Route,
-            retriever_pb2.RouteRequest(plan=lora_plan, base_model=self.base_model),
-        )
-        return lora_plan, route.address
+        return lora_plan, self._call(self.retriever.Route, self._route_request(lora_plan)).address
 
     def generate(
         self, prompt: str, *, plan: rq.PlanLike = None, strategy=None, top_k: int = 0, **sampling
@@ -261,17 +287,6 @@ class AsyncClient(_Base):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    @property
-    def registry(self) -> registry_pb2_grpc.RegistryServiceStub:
-        return registry_pb2_grpc.RegistryServiceStub(self._channel(self.registry_address))
-
-    @property
-    def retriever(self) -> retriever_pb2_grpc.RetrieverServiceStub:
-        return retriever_pb2_grpc.RetrieverServiceStub(self._channel(self.retriever_address))
-
-    def executor(self, address: str) -> executor_pb2_grpc.ExecutorServiceStub:
-        return executor_pb2_grpc.ExecutorServiceStub(self._channel(address))
-
     async def register_base_model(
         self, base_model_id: str, model_dir_or_config: str | Path
     ) -> registry_pb2.BaseModel:
@@ -289,15 +304,8 @@ class AsyncClient(_Base):
         wait_timeout: float = 120.0,
         **header,
     ) -> common_pb2.Adapter:
-        from loraserve.upload import iter_push_requests
-
-        adapter_dir = Path(path)
-        head = rq.push_header(adapter_dir, adapter_id, base_model or self.base_model, **header)
-        bar = _progress_bar(_adapter_bytes(adapter_dir), f"push {adapter_id}") if progress else None
+        requests, bar = self._push_requests(path, adapter_id, base_model, progress, header)
         try:
-            requests = iter_push_requests(
-                adapter_dir, head, on_progress=bar.update if bar else None
-            )
             adapter = (
                 await self._call(
                     self.registry.PushAdapter, requests, timeout=max(self.timeout, 600)
@@ -316,17 +324,13 @@ class AsyncClient(_Base):
         self, adapter_id: str, version: int = 0, timeout: float = 120.0
     ) -> common_pb2.Adapter:
         deadline = time.monotonic() + timeout
-        while True:
-            adapter = await self.get_adapter(adapter_id, version)
-            if adapter.status == READY:
-                return adapter
-            if adapter.status == FAILED:
-                raise FailedPrecondition(
-                    f"adapter {adapter_id}@{adapter.version} failed: {adapter.failure_reason}"
-                )
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(f"adapter {adapter_id} not READY after {timeout:.0f}s")
+        while (
+            ready := self._ready_or_none(
+                await self.get_adapter(adapter_id, version), deadline, timeout
+            )
+        ) is None:
             await asyncio.sleep(0.1)
+        return ready
 
     async def get_adapter(self, adapter_id: str, version: int = 0) -> common_pb2.Adapter:
         req = registry_pb2.GetAdapterRequest(adapter_id=adapter_id, version=version)
@@ -337,12 +341,9 @@ class AsyncClient(_Base):
     ) -> AsyncIterator[common_pb2.Adapter]:
         token = ""
         while True:
-            req = registry_pb2.ListAdaptersRequest(
-                filter=registry_pb2.AdapterFilter(**filter_fields),
-                page_size=page_size,
-                page_token=token,
+            resp = await self._call(
+                self.registry.ListAdapters, self._list_request(page_size, token, filter_fields)
             )
-            resp = await self._call(self.registry.ListAdapters, req)
             for adapter in resp.adapters:
                 yield adapter
             token = resp.next_page_token
@@ -362,18 +363,16 @@ class AsyncClient(_Base):
     async def _resolve(
         self, prompt: str, plan: rq.PlanLike, strategy, top_k: int
     ) -> tuple[common_pb2.LoraPlan, str]:
-        lora_plan = self._plan_from(plan, strategy)
+        lora_plan = rq.to_plan(plan, strategy)
         if lora_plan is None:
             lora_plan = (
                 (await self.retrieve([prompt], top_k=top_k, strategy=strategy)).plans[0].plan
             )
         if self.executor_address:
             return lora_plan, self.executor_address
-        route = await self._call(
-            self.retriever.Route,
-            retriever_pb2.RouteRequest(plan=lora_plan, base_model=self.base_model),
-        )
-        return lora_plan, route.address
+        return lora_plan, (
+            await self._call(self.retriever.Route, self._route_request(lora_plan))
+        ).address
 
     async def generate(
         self, prompt: str, *, plan: rq.PlanLike = None, strategy=None, top_k: int = 0, **sampling
