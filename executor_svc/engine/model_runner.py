@@ -68,12 +68,16 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> list[int]:
         """Run the step; returns a token for every entry that reaches the end of its tokens."""
         entries = batch.entries
+        # The scheduler's copies: a live seq.block_table can be emptied by abort() (another
+        # thread) mid-step, which made a decode row read past its block table on the device.
+        tables = (batch.block_tables if len(batch.block_tables) == len(entries)
+                  else [list(s.block_table) for s, _ in entries])
         num_decode = sum(1 for _, n in entries if n == 1)
         samplers = [s for s, n in entries if s.num_computed + n == s.num_tokens]
         if num_decode == len(entries) and self.graph_sizes and num_decode <= self.graph_sizes[-1]:
-            logits = self._replay(entries)
+            logits = self._replay(entries, tables)
         else:
-            ids, ctx, logits_idx = self._prepare(entries, num_decode)
+            ids, ctx, logits_idx = self._prepare(entries, num_decode, tables)
             hidden = self.model(ids, ctx, self.kv_caches)
             logits = self.model.compute_logits(hidden[logits_idx])
         return sample(logits, samplers, self.eos_ids) if samplers else []
@@ -94,13 +98,13 @@ class ModelRunner:
             row += n
         return slots, weights
 
-    def _prepare(self, entries, num_decode: int):
+    def _prepare(self, entries, num_decode: int, tables: list[list[int]]):
         bs = self.block_size
         ids, pos, rows, logits_idx, prefills = [], [], [], [], []
         start = 0
-        for seq, n in entries:
+        for (seq, n), block_table in zip(entries, tables, strict=True):
             p = np.arange(seq.num_computed, seq.num_computed + n)
-            table = np.asarray(seq.block_table, dtype=np.int64)
+            table = np.asarray(block_table, dtype=np.int64)
             ids.extend(seq.token_ids[seq.num_computed : seq.num_computed + n])
             pos.append(p)
             rows.append(table[p // bs] * bs + p % bs)
@@ -119,11 +123,11 @@ class ModelRunner:
                           prefills=prefills, block_size=bs)
         if num_decode:
             dec = [s for s, _ in entries[:num_decode]]
-            width = max(len(s.block_table) for s in dec)
-            tables = np.zeros((num_decode, width), np.int32)
-            for i, s in enumerate(dec):
-                tables[i, : len(s.block_table)] = s.block_table
-            ctx.block_tables = self._t(tables)
+            width = max(len(t) for t in tables[:num_decode])
+            block_tables = np.zeros((num_decode, width), np.int32)
+            for i, t in enumerate(tables[:num_decode]):
+                block_tables[i, : len(t)] = t
+            ctx.block_tables = self._t(block_tables)
             ctx.context_lens = self._t(np.array([s.num_computed + 1 for s in dec], np.int32))
         plan = self._lora_plan([s for s, _ in entries], [n for _, n in entries])
         if plan is not None:
@@ -174,7 +178,7 @@ class ModelRunner:
         hidden = self.model(self.s_ids[:b], ctx, self.kv_caches)
         self.s_logits[:b].copy_(self.model.compute_logits(hidden))
 
-    def _replay(self, entries) -> torch.Tensor:
+    def _replay(self, entries, block_tables: list[list[int]]) -> torch.Tensor:
         nd, bs = len(entries), self.block_size
         b = next(s for s in self.graph_sizes if s >= nd)
         seqs = [s for s, _ in entries]
@@ -182,10 +186,10 @@ class ModelRunner:
         pos = np.zeros(b, np.int64)
         lens = np.ones(b, np.int32)
         tables = np.full((b, self.max_blocks), SCRATCH_BLOCK, np.int32)
-        for i, s in enumerate(seqs):
+        for i, (s, t) in enumerate(zip(seqs, block_tables, strict=True)):
             p = s.num_computed
             ids[i], pos[i], lens[i] = s.token_ids[p], p, p + 1
-            tables[i, : len(s.block_table)] = s.block_table
+            tables[i, : len(t)] = t
         rows = tables[np.arange(b), pos // bs].astype(np.int64) * bs + pos % bs
         rows[nd:] = SCRATCH_BLOCK * bs
         for dst, src in ((self.s_ids, ids), (self.s_pos, pos), (self.s_rows, rows),

@@ -33,6 +33,10 @@ from executor_svc.engine.sequence import SeqStatus, Sequence
 @dataclass(slots=True)
 class ScheduledBatch:
     entries: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, new tokens)
+    # Each entry's block table as scheduled (copies). The step runs outside the engine's lock,
+    # and abort() frees a sequence's blocks (``seq.block_table = []``) from another thread
+    # at any time: the runner reads these copies, never the live lists.
+    block_tables: list[list[int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +91,7 @@ class Scheduler:
             budget -= n
         # Attention wants single-token (decode-shaped) entries first.
         batch.entries.sort(key=lambda e: e[1] != 1)
+        batch.block_tables = [list(s.block_table) for s, _ in batch.entries]
         return batch
 
     def _preempt(self, seq: Sequence) -> None:

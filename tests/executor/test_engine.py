@@ -179,3 +179,30 @@ async def test_set_lora_while_running(tiny_model_dir, tmp_path):
             await asyncio.to_thread(engine.model.set_lora, 3, other)
             await asyncio.to_thread(engine.model.reset_lora, 3)
         assert (await task)[0] == expected
+
+
+def test_abort_between_schedule_and_step_keeps_the_step_consistent(tiny_model_dir):
+    """abort() (event-loop thread) frees a sequence's blocks while the worker thread is between
+    schedule() and the end of the step: the step must use the block tables it was scheduled
+    with. Reading the live, emptied ``seq.block_table`` raised IndexError on CPU; on CUDA the
+    decode block table lost its width and the paged-attention kernel read past it."""
+    engine = Engine(tiny_model_dir, num_lora_slots=4, max_lora_rank=8, max_num_seqs=8)
+    engine._load()  # no worker thread: this test plays its role, step by step
+    sched, runner = engine.scheduler, engine.runner
+    seqs = [engine._make_sequence(req(i, max_tokens=20)) for i in range(3)]
+    for s in seqs[:2]:
+        sched.add(s)
+    batch = sched.schedule()  # both prompts
+    runner.execute(batch)
+    for s, n in batch.entries:
+        s.num_computed += n
+        s.token_ids.append(1)
+    sched.add(seqs[2])
+    batch = sched.schedule()  # two decodes + one prefill: the eager path
+    assert [n for _, n in batch.entries][:2] == [1, 1] and len(batch.entries) == 3
+    for s in seqs[:2]:  # what abort() does under the engine lock, racing the step
+        sched.finish(s, "cancelled")
+        assert s.block_table == []
+    tokens = runner.execute(batch)
+    assert len(tokens) == 3
+    assert engine.blocks.num_free == engine.blocks.num_usable - len(seqs[2].block_table)
