@@ -36,10 +36,19 @@ def emit(**row) -> None:
 def llama7b_config(max_pos: int = 4096):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                       max_position_embeddings=max_pos, rms_norm_eps=1e-5, eos_token_id=2,
-                       bos_token_id=1, architectures=["LlamaForCausalLM"])
+    return LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=max_pos,
+        rms_norm_eps=1e-5,
+        eos_token_id=2,
+        bos_token_id=1,
+        architectures=["LlamaForCausalLM"],
+    )
 
 
 def d2d_bandwidth() -> float:
@@ -65,8 +74,12 @@ def random_adapter(model, gen) -> dict:
         mods = {}
         for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
             for name, o in zip(m.names, m.out_sizes, strict=True):
-                a = torch.randn(RANK, m.in_features, device="cuda", generator=gen,
-                                dtype=torch.bfloat16) / m.in_features**0.5
+                a = (
+                    torch.randn(
+                        RANK, m.in_features, device="cuda", generator=gen, dtype=torch.bfloat16
+                    )
+                    / m.in_features**0.5
+                )
                 b = torch.randn(o, RANK, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.01
                 mods[name] = LoraModuleWeights(a=a, b=b, scale=2.0)
         out[i] = mods
@@ -78,9 +91,13 @@ async def run_case(engine: Engine, batch: int, plans, prompts) -> dict:
     done_tokens_after: list[tuple[float, int]] = []
 
     async def one(i):
-        r = EngineRequest(f"b{batch}-{i}-{time.monotonic_ns()}", "", plans[i],
-                          SamplingOptions(max_tokens=NEW, ignore_eos=True),
-                          prompt_token_ids=prompts[i])
+        r = EngineRequest(
+            f"b{batch}-{i}-{time.monotonic_ns()}",
+            "",
+            plans[i],
+            SamplingOptions(max_tokens=NEW, ignore_eos=True),
+            prompt_token_ids=prompts[i],
+        )
         n = 0
         async for ev in engine.generate(r):
             if n == 0:
@@ -94,14 +111,21 @@ async def run_case(engine: Engine, batch: int, plans, prompts) -> dict:
     t1 = time.perf_counter()
     t_all_started = max(first)
     decode_tokens = sum(n for t, n in done_tokens_after if t > t_all_started)
-    return {"tokens": sum(counts), "seconds": t1 - t0, "tok_s": sum(counts) / (t1 - t0),
-            "decode_tok_s": decode_tokens / (t1 - t_all_started)}
+    return {
+        "tokens": sum(counts),
+        "seconds": t1 - t0,
+        "tok_s": sum(counts) / (t1 - t0),
+        "decode_tok_s": decode_tokens / (t1 - t_all_started),
+    }
 
 
 def decode_step_bytes(model, batch: int, avg_ctx: float) -> float:
     c = model.config
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                  if "embed_tokens" not in n or c.tie_word_embeddings)
+    weights = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if "embed_tokens" not in n or c.tie_word_embeddings
+    )
     kv = batch * avg_ctx * 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2
     return weights + kv
 
@@ -110,22 +134,39 @@ async def ours(args, bw: float) -> None:
     max_b = max(args.batches)
     cfg = llama7b_config()
     kv_tokens = max_b * (PROMPT + NEW + 16)
-    engine = Engine(None, hf_config=cfg, device="cuda", dtype=torch.bfloat16, num_lora_slots=64,
-                    max_lora_rank=RANK, max_num_seqs=max_b, max_model_len=PROMPT + NEW + 16,
-                    kv_memory_bytes=kv_tokens * 2 * 32 * 4096 * 2,
-                    max_num_batched_tokens=2048, cuda_graph_batch_sizes=args.graph_sizes)
+    engine = Engine(
+        None,
+        hf_config=cfg,
+        device="cuda",
+        dtype=torch.bfloat16,
+        num_lora_slots=64,
+        max_lora_rank=RANK,
+        max_num_seqs=max_b,
+        max_model_len=PROMPT + NEW + 16,
+        kv_memory_bytes=kv_tokens * 2 * 32 * 4096 * 2,
+        max_num_batched_tokens=2048,
+        cuda_graph_batch_sizes=args.graph_sizes,
+    )
     t = time.perf_counter()
     await engine.start()
-    emit(case="engine_start", seconds=round(time.perf_counter() - t, 1),
-         graphs=len(engine.runner.graphs), lora_bytes_per_slot=engine.model.lora_bytes_per_slot())
+    emit(
+        case="engine_start",
+        seconds=round(time.perf_counter() - t, 1),
+        graphs=len(engine.runner.graphs),
+        lora_bytes_per_slot=engine.model.lora_bytes_per_slot(),
+    )
     gen = torch.Generator(device="cuda").manual_seed(0)
     for slot in range(64):
         engine.model.set_lora(slot, random_adapter(engine.model, gen))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 32000, (PROMPT,), generator=g).tolist() for _ in range(max_b)]
-    cases = {"no_adapter": lambda i: [], "one_adapter": lambda i: [(0, 1.0)],
-             "8_distinct": lambda i: [(i % 8, 1.0)], "64_distinct": lambda i: [(i % 64, 1.0)],
-             "mixture_k2_8": lambda i: [(i % 8, 0.5), ((i + 1) % 8, 0.5)]}
+    cases = {
+        "no_adapter": lambda i: [],
+        "one_adapter": lambda i: [(0, 1.0)],
+        "8_distinct": lambda i: [(i % 8, 1.0)],
+        "64_distinct": lambda i: [(i % 64, 1.0)],
+        "mixture_k2_8": lambda i: [(i % 8, 0.5), ((i + 1) % 8, 0.5)],
+    }
     for batch in args.batches:
         base = None
         for name, plan in cases.items():
@@ -134,15 +175,27 @@ async def ours(args, bw: float) -> None:
             r = await run_case(engine, batch, plans, prompts)
             roof = batch / (decode_step_bytes(engine.model, batch, PROMPT + NEW / 2) / bw)
             base = base or r["tok_s"]
-            emit(engine="loraserve", case=name, batch=batch, prompt=PROMPT, new_tokens=NEW,
-                 tok_s=round(r["tok_s"], 1), decode_tok_s=round(r["decode_tok_s"], 1),
-                 roofline_tok_s=round(roof, 1),
-                 roofline_fraction=round(r["decode_tok_s"] / roof, 3),
-                 vs_no_adapter=round(r["tok_s"] / base, 3),
-                 distinct_adapters=len({tuple(plan(i)) for i in range(batch)}))
-    emit(case="engine_stats", **{k: getattr(engine.stats(), k) for k in
-                                 ("kv_blocks_total", "kv_blocks_free", "tokens_generated")},
-         preemptions=engine.scheduler.num_preemptions)
+            emit(
+                engine="loraserve",
+                case=name,
+                batch=batch,
+                prompt=PROMPT,
+                new_tokens=NEW,
+                tok_s=round(r["tok_s"], 1),
+                decode_tok_s=round(r["decode_tok_s"], 1),
+                roofline_tok_s=round(roof, 1),
+                roofline_fraction=round(r["decode_tok_s"] / roof, 3),
+                vs_no_adapter=round(r["tok_s"] / base, 3),
+                distinct_adapters=len({tuple(plan(i)) for i in range(batch)}),
+            )
+    emit(
+        case="engine_stats",
+        **{
+            k: getattr(engine.stats(), k)
+            for k in ("kv_blocks_total", "kv_blocks_free", "tokens_generated")
+        },
+        preemptions=engine.scheduler.num_preemptions,
+    )
     await engine.stop()
     del engine
     torch.cuda.empty_cache()
@@ -166,18 +219,30 @@ def peft_baselines(args) -> None:
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                           min_new_tokens=new, do_sample=False, pad_token_id=0, **kw)
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+                **kw,
+            )
         torch.cuda.synchronize()
         return batch * new / (time.perf_counter() - t)
 
-    info = {"transformers": transformers.__version__, "peft": peft.__version__,
-            "new_tokens": new, "prompt": PROMPT}
+    info = {
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "new_tokens": new,
+        "prompt": PROMPT,
+    }
     gen_tok_s(hf, 8)  # warm-up
     for b in args.batches:
         emit(engine="hf", case="base", batch=b, tok_s=round(gen_tok_s(hf, b), 1), **info)
-    model = get_peft_model(hf, LoraConfig(r=RANK, lora_alpha=32, target_modules=targets),
-                           adapter_name="a0")
+    model = get_peft_model(
+        hf, LoraConfig(r=RANK, lora_alpha=32, target_modules=targets), adapter_name="a0"
+    )
     for i in range(1, 8):
         model.add_adapter(f"a{i}", LoraConfig(r=RANK, lora_alpha=32, target_modules=targets))
     with torch.no_grad():
@@ -188,13 +253,23 @@ def peft_baselines(args) -> None:
     model.set_adapter("a0")
     model.merge_adapter()
     for b in args.batches:
-        emit(engine="hf+peft", case="one_merged", batch=b, tok_s=round(gen_tok_s(model, b), 1),
-             **info)
+        emit(
+            engine="hf+peft",
+            case="one_merged",
+            batch=b,
+            tok_s=round(gen_tok_s(model, b), 1),
+            **info,
+        )
     model.unmerge_adapter()
     for b in args.batches:
         names = [f"a{i % 8}" for i in range(b)]
-        emit(engine="hf+peft", case="8_distinct_adapter_names", batch=b,
-             tok_s=round(gen_tok_s(model, b, adapter_names=names), 1), **info)
+        emit(
+            engine="hf+peft",
+            case="8_distinct_adapter_names",
+            batch=b,
+            tok_s=round(gen_tok_s(model, b, adapter_names=names), 1),
+            **info,
+        )
 
 
 def main() -> None:
@@ -205,8 +280,13 @@ def main() -> None:
     p.add_argument("--skip-peft", action="store_true")
     args = p.parse_args()
     bw = d2d_bandwidth()
-    emit(case="device", gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-         d2d_bytes_per_s=round(bw / 1e12, 3), unit="TB/s (read+write)")
+    emit(
+        case="device",
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        d2d_bytes_per_s=round(bw / 1e12, 3),
+        unit="TB/s (read+write)",
+    )
     asyncio.run(ours(args, bw))
     if not args.skip_peft:
         peft_baselines(args)

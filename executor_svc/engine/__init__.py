@@ -15,8 +15,16 @@ from executor_svc.engine.types import (
     TokenEvent,
 )
 
-__all__ = ["AdapterWeights", "Engine", "EngineRequest", "EngineStats", "LoraModuleWeights",
-           "SamplingOptions", "TokenEvent", "running_engine"]
+__all__ = [
+    "AdapterWeights",
+    "Engine",
+    "EngineRequest",
+    "EngineStats",
+    "LoraModuleWeights",
+    "SamplingOptions",
+    "TokenEvent",
+    "running_engine",
+]
 
 
 def __getattr__(name: str):

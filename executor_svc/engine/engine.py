@@ -83,8 +83,12 @@ class Engine:
         self._thread.start()
 
     def _load(self) -> None:
-        kw = {"device": self.device, "dtype": self.dtype, "num_slots": self.num_lora_slots,
-              "max_rank": self.max_lora_rank}
+        kw = {
+            "device": self.device,
+            "dtype": self.dtype,
+            "num_slots": self.num_lora_slots,
+            "max_rank": self.max_lora_rank,
+        }
         if self.model_dir is not None:
             model = load_model(self.model_dir, **kw)
             if self._tokenizer is None:
@@ -104,13 +108,24 @@ class Engine:
             num_blocks = self.max_num_seqs * -(-self.max_model_len // self.block_size) + 1
         sizes = self.cuda_graph_batch_sizes
         if sizes is None:
-            sizes = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-                     if b < self.max_num_seqs] + [self.max_num_seqs]
+            sizes = [
+                b
+                for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+                if b < self.max_num_seqs
+            ] + [self.max_num_seqs]
         self.blocks = BlockManager(num_blocks, self.block_size)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs=self.max_num_seqs,
-                                   max_num_batched_tokens=self.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=self.block_size,
-                                  max_model_len=self.max_model_len, graph_batch_sizes=sizes)
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+        )
+        self.runner = ModelRunner(
+            model,
+            num_blocks=num_blocks,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            graph_batch_sizes=sizes,
+        )
         self._model = model
 
     async def stop(self) -> None:
@@ -138,9 +153,12 @@ class Engine:
             return EngineStats(
                 queue_depth=len(self.scheduler.waiting),
                 running_requests=len(self.scheduler.running),
-                kv_blocks_total=self.blocks.num_usable, kv_blocks_free=self.blocks.num_free,
-                requests_completed=self._completed, tokens_generated=self._generated,
-                device=str(self.device))
+                kv_blocks_total=self.blocks.num_usable,
+                kv_blocks_free=self.blocks.num_free,
+                requests_completed=self._completed,
+                tokens_generated=self._generated,
+                device=str(self.device),
+            )
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -152,8 +170,9 @@ class Engine:
         seq.sink = queue
         t0 = time.monotonic()
         ttft = None
-        detok = IncrementalDetokenizer(self._tokenizer, request.sampling.stop,
-                                       request.sampling.min_tokens)
+        detok = IncrementalDetokenizer(
+            self._tokenizer, request.sampling.stop, request.sampling.min_tokens
+        )
         with self._lock:
             if self._stopping:
                 raise RuntimeError("engine is stopping")
@@ -176,9 +195,14 @@ class Engine:
                     self.abort(request.request_id, reason="stop", notify=False)
                 done = finish is not None
                 yield TokenEvent(
-                    request_id=request.request_id, token_ids=token_ids, text=text,
-                    finish_reason=finish, prompt_tokens=seq.num_prompt_tokens,
-                    completion_tokens=len(detok.ids), time_to_first_token_ms=ttft)
+                    request_id=request.request_id,
+                    token_ids=token_ids,
+                    text=text,
+                    finish_reason=finish,
+                    prompt_tokens=seq.num_prompt_tokens,
+                    completion_tokens=len(detok.ids),
+                    time_to_first_token_ms=ttft,
+                )
         finally:
             if not done:
                 self.abort(request.request_id, notify=False)
@@ -202,13 +226,17 @@ class Engine:
         if not ids:
             raise ValueError("empty prompt")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt of {len(ids)} tokens leaves no room under max_model_len "
-                             f"{self.max_model_len}")
-        need = self.blocks.blocks_for(min(len(ids) + request.sampling.max_tokens,
-                                          self.max_model_len))
+            raise ValueError(
+                f"prompt of {len(ids)} tokens leaves no room under max_model_len "
+                f"{self.max_model_len}"
+            )
+        need = self.blocks.blocks_for(
+            min(len(ids) + request.sampling.max_tokens, self.max_model_len)
+        )
         if need > self.blocks.num_usable:
-            raise ValueError(f"request needs {need} KV blocks; the cache has "
-                             f"{self.blocks.num_usable}")
+            raise ValueError(
+                f"request needs {need} KV blocks; the cache has {self.blocks.num_usable}"
+            )
         if len(request.adapters) > 4:
             raise ValueError("at most 4 adapters per request")
         for slot, _ in request.adapters:
@@ -218,10 +246,15 @@ class Engine:
         if sp.max_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
             raise ValueError("invalid sampling options")
         gen = make_generator(sp.seed, self.device) if sp.temperature > 0 else None
-        return Sequence(request_id=request.request_id, token_ids=ids, num_prompt_tokens=len(ids),
-                        sampling=sp, adapters=[(int(s), float(w)) for s, w in request.adapters],
-                        max_tokens=min(sp.max_tokens, self.max_model_len - len(ids)),
-                        generator=gen)
+        return Sequence(
+            request_id=request.request_id,
+            token_ids=ids,
+            num_prompt_tokens=len(ids),
+            sampling=sp,
+            adapters=[(int(s), float(w)) for s, w in request.adapters],
+            max_tokens=min(sp.max_tokens, self.max_model_len - len(ids)),
+            generator=gen,
+        )
 
     # -- the step loop (worker thread) -------------------------------------------------------
 
@@ -281,8 +314,11 @@ class Engine:
             seq.token_ids.append(token)
             self._generated += 1
             reason = None
-            if token in eos and not seq.sampling.ignore_eos \
-                    and seq.num_completion_tokens > seq.sampling.min_tokens - 1:
+            if (
+                token in eos
+                and not seq.sampling.ignore_eos
+                and seq.num_completion_tokens > seq.sampling.min_tokens - 1
+            ):
                 reason = "eos"
             elif seq.num_completion_tokens >= seq.max_tokens:
                 reason = "length"

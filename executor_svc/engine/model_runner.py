@@ -49,13 +49,27 @@ class _Graph:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, *, num_blocks: int, block_size: int, max_model_len: int,
-                 graph_batch_sizes: list[int]):
+    def __init__(
+        self,
+        model: CausalLM,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        graph_batch_sizes: list[int],
+    ):
         self.model, self.device, self.block_size = model, model.device, block_size
         c = model.config
         self.eos_ids = c.eos_token_ids
-        self.kv = torch.zeros(c.num_layers, 2, num_blocks * block_size, c.num_kv_heads,
-                              c.head_dim, dtype=model.dtype, device=self.device)
+        self.kv = torch.zeros(
+            c.num_layers,
+            2,
+            num_blocks * block_size,
+            c.num_kv_heads,
+            c.head_dim,
+            dtype=model.dtype,
+            device=self.device,
+        )
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(c.num_layers)]
         self.max_blocks = -(-max_model_len // block_size)
         self.graphs: dict[tuple[int, int], _Graph] = {}
@@ -70,8 +84,11 @@ class ModelRunner:
         entries = batch.entries
         # The scheduler's copies: a live seq.block_table can be emptied by abort() (another
         # thread) mid-step, which made a decode row read past its block table on the device.
-        tables = (batch.block_tables if len(batch.block_tables) == len(entries)
-                  else [list(s.block_table) for s, _ in entries])
+        tables = (
+            batch.block_tables
+            if len(batch.block_tables) == len(entries)
+            else [list(s.block_table) for s, _ in entries]
+        )
         num_decode = sum(1 for _, n in entries if n == 1)
         samplers = [s for s, n in entries if s.num_computed + n == s.num_tokens]
         if num_decode == len(entries) and self.graph_sizes and num_decode <= self.graph_sizes[-1]:
@@ -118,9 +135,13 @@ class ModelRunner:
             if seq.num_computed + n == seq.num_tokens:
                 logits_idx.append(start + n - 1)
             start += n
-        ctx = StepContext(positions=self._t(np.concatenate(pos)),
-                          slot_mapping=self._t(np.concatenate(rows)), num_decode=num_decode,
-                          prefills=prefills, block_size=bs)
+        ctx = StepContext(
+            positions=self._t(np.concatenate(pos)),
+            slot_mapping=self._t(np.concatenate(rows)),
+            num_decode=num_decode,
+            prefills=prefills,
+            block_size=bs,
+        )
         if num_decode:
             dec = [s for s, _ in entries[:num_decode]]
             width = max(len(t) for t in tables[:num_decode])
@@ -131,8 +152,12 @@ class ModelRunner:
             ctx.context_lens = self._t(np.array([s.num_computed + 1 for s in dec], np.int32))
         plan = self._lora_plan([s for s, _ in entries], [n for _, n in entries])
         if plan is not None:
-            ctx.lora = build_lora_meta(torch.from_numpy(plan[0]), torch.from_numpy(plan[1]),
-                                       self.model.num_slots, self.device)
+            ctx.lora = build_lora_meta(
+                torch.from_numpy(plan[0]),
+                torch.from_numpy(plan[1]),
+                self.model.num_slots,
+                self.device,
+            )
         return self._t(np.asarray(ids, np.int64)), ctx, self._t(np.asarray(logits_idx, np.int64))
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
@@ -147,8 +172,9 @@ class ModelRunner:
         self.s_rows = torch.zeros(n, dtype=torch.int64, device=dev)
         self.s_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
         self.s_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.s_logits = torch.zeros(n, self.model.config.vocab_size, dtype=torch.float32,
-                                    device=dev)
+        self.s_logits = torch.zeros(
+            n, self.model.config.vocab_size, dtype=torch.float32, device=dev
+        )
         modes = [0] + ([1, MAX_K] if self.model.num_slots and self.model.max_rank else [])
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.graph_sizes):
@@ -157,8 +183,14 @@ class ModelRunner:
                 if k:
                     slots = torch.full((b, k), -1, dtype=torch.int32)
                     slots[:, 0] = 0
-                    meta = build_lora_meta(slots, (slots >= 0).float(), self.model.num_slots,
-                                           dev, pad_tiles_to=b, mode=GRAPH_META_MODE)
+                    meta = build_lora_meta(
+                        slots,
+                        (slots >= 0).float(),
+                        self.model.num_slots,
+                        dev,
+                        pad_tiles_to=b,
+                        mode=GRAPH_META_MODE,
+                    )
                 ctx = self._graph_ctx(b, meta)
                 for _ in range(2):  # compile the Triton kernels outside the capture
                     self._graph_body(b, ctx)
@@ -170,9 +202,15 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     def _graph_ctx(self, b: int, meta: LoraBatchMeta | None) -> StepContext:
-        return StepContext(positions=self.s_pos[:b], slot_mapping=self.s_rows[:b], num_decode=b,
-                           block_tables=self.s_tables[:b], context_lens=self.s_lens[:b],
-                           lora=meta, block_size=self.block_size)
+        return StepContext(
+            positions=self.s_pos[:b],
+            slot_mapping=self.s_rows[:b],
+            num_decode=b,
+            block_tables=self.s_tables[:b],
+            context_lens=self.s_lens[:b],
+            lora=meta,
+            block_size=self.block_size,
+        )
 
     def _graph_body(self, b: int, ctx: StepContext) -> None:
         hidden = self.model(self.s_ids[:b], ctx, self.kv_caches)
@@ -192,8 +230,13 @@ class ModelRunner:
             tables[i, : len(t)] = t
         rows = tables[np.arange(b), pos // bs].astype(np.int64) * bs + pos % bs
         rows[nd:] = SCRATCH_BLOCK * bs
-        for dst, src in ((self.s_ids, ids), (self.s_pos, pos), (self.s_rows, rows),
-                         (self.s_tables, tables), (self.s_lens, lens)):
+        for dst, src in (
+            (self.s_ids, ids),
+            (self.s_pos, pos),
+            (self.s_rows, rows),
+            (self.s_tables, tables),
+            (self.s_lens, lens),
+        ):
             dst[:b].copy_(torch.from_numpy(src), non_blocking=True)
         k = max((len(s.adapters) for s in seqs), default=0)
         mode = 0 if k == 0 else (1 if k == 1 else MAX_K)
@@ -202,9 +245,15 @@ class ModelRunner:
             slots, weights = self._lora_plan(seqs, [1] * nd, mode)
             slots = np.pad(slots, ((0, b - nd), (0, 0)), constant_values=-1)
             weights = np.pad(weights, ((0, b - nd), (0, 0)))
-            host = build_lora_meta(torch.from_numpy(slots), torch.from_numpy(weights),
-                                   self.model.num_slots, torch.device("cpu"),
-                                   block_m=g.meta.block_m, pad_tiles_to=b, mode=GRAPH_META_MODE)
+            host = build_lora_meta(
+                torch.from_numpy(slots),
+                torch.from_numpy(weights),
+                self.model.num_slots,
+                torch.device("cpu"),
+                block_m=g.meta.block_m,
+                pad_tiles_to=b,
+                mode=GRAPH_META_MODE,
+            )
             _copy_meta(g.meta, host)
         g.graph.replay()
         return self.s_logits[:nd]

@@ -38,8 +38,7 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> list[int]:
     """logits: [S, V] float32, one row per sampling sequence -> one token id per row."""
     if eos_ids:
-        ban = [i for i, s in enumerate(seqs)
-               if s.num_completion_tokens < s.sampling.min_tokens]
+        ban = [i for i, s in enumerate(seqs) if s.num_completion_tokens < s.sampling.min_tokens]
         if ban:
             rows = torch.tensor(ban, device=logits.device)
             logits[rows.unsqueeze(1), torch.tensor(eos_ids, device=logits.device)] = float("-inf")

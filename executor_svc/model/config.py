@@ -36,11 +36,15 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: Any) -> ModelConfig:
         archs = getattr(hf, "architectures", None) or []
-        family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES),
-                      None) or hf.model_type
+        family = (
+            next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+            or hf.model_type
+        )
         if family not in SUPPORTED_ARCHITECTURES.values():
-            raise ValueError(f"unsupported architecture {archs or hf.model_type!r}; "
-                             f"supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(
+                f"unsupported architecture {archs or hf.model_type!r}; "
+                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
         heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
         rope = dict(getattr(hf, "rope_parameters", None) or {})

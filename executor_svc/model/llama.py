@@ -24,9 +24,12 @@ from executor_svc.model.layers.rotary import RotaryEmbedding
 
 # checkpoint module name -> (our fused module, slice name)
 FUSED = {
-    "q_proj": ("qkv_proj", "q_proj"), "k_proj": ("qkv_proj", "k_proj"),
-    "v_proj": ("qkv_proj", "v_proj"), "o_proj": ("o_proj", "o_proj"),
-    "gate_proj": ("gate_up_proj", "gate_proj"), "up_proj": ("gate_up_proj", "up_proj"),
+    "q_proj": ("qkv_proj", "q_proj"),
+    "k_proj": ("qkv_proj", "k_proj"),
+    "v_proj": ("qkv_proj", "v_proj"),
+    "o_proj": ("o_proj", "o_proj"),
+    "gate_proj": ("gate_up_proj", "gate_proj"),
+    "up_proj": ("gate_up_proj", "up_proj"),
     "down_proj": ("down_proj", "down_proj"),
 }
 
@@ -38,15 +41,21 @@ class DecoderLayer(nn.Module):
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, lora["dtype"], lora["device"])
-        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, lora["dtype"],
-                                                lora["device"])
-        self.qkv_proj = LoRALinear(h, [self.q_size, self.kv_size, self.kv_size],
-                                   ["q_proj", "k_proj", "v_proj"], bias=cfg.qkv_bias, **lora)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, lora["dtype"], lora["device"])
+        self.qkv_proj = LoRALinear(
+            h,
+            [self.q_size, self.kv_size, self.kv_size],
+            ["q_proj", "k_proj", "v_proj"],
+            bias=cfg.qkv_bias,
+            **lora,
+        )
         self.o_proj = LoRALinear(self.q_size, [h], ["o_proj"], bias=cfg.o_bias, **lora)
-        self.gate_up_proj = LoRALinear(h, [cfg.intermediate_size] * 2, ["gate_proj", "up_proj"],
-                                       bias=cfg.mlp_bias, **lora)
-        self.down_proj = LoRALinear(cfg.intermediate_size, [h], ["down_proj"],
-                                    bias=cfg.mlp_bias, **lora)
+        self.gate_up_proj = LoRALinear(
+            h, [cfg.intermediate_size] * 2, ["gate_proj", "up_proj"], bias=cfg.mlp_bias, **lora
+        )
+        self.down_proj = LoRALinear(
+            cfg.intermediate_size, [h], ["down_proj"], bias=cfg.mlp_bias, **lora
+        )
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, d)
         self.rotary = rotary
 
@@ -74,8 +83,16 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     """The served model. ``num_slots`` adapters of rank <= ``max_rank`` live on the device."""
 
-    def __init__(self, cfg: ModelConfig, *, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, max_positions: int):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_positions: int,
+    ):
         super().__init__()
         self.config, self.num_slots, self.max_rank = cfg, num_slots, max_rank
         self.dtype, self.device = dtype, device
@@ -84,22 +101,30 @@ class CausalLM(nn.Module):
         self.step_lock = threading.RLock()
         lora = {"num_slots": num_slots, "max_rank": max_rank, "dtype": dtype, "device": device}
         self.rotary = RotaryEmbedding(cfg, max_positions).to(device)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                         device=device)
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device
+        )
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, **lora)
-                                    for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, self.rotary, **lora) for _ in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         if cfg.tie_word_embeddings:
             self.lm_head_weight = self.embed_tokens.weight
         else:
-            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                                    device=device), requires_grad=False)
+            self.lm_head = nn.Parameter(
+                torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device),
+                requires_grad=False,
+            )
             self.lm_head_weight = self.lm_head
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, ctx: StepContext,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        ctx: StepContext,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
         """input_ids: [T] -> final hidden states [T, hidden] (normed)."""
         x = self.embed_tokens(input_ids)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
@@ -112,8 +137,11 @@ class CausalLM(nn.Module):
     # -- adapter slots (called by the serving layer, between steps; see Engine) --------------
 
     def lora_layers(self) -> list[tuple[int, LoRALinear]]:
-        return [(i, m) for i, layer in enumerate(self.layers)
-                for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+        return [
+            (i, m)
+            for i, layer in enumerate(self.layers)
+            for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+        ]
 
     def set_lora(self, slot: int, weights: AdapterWeights) -> None:
         """Write every layer's A/B/scale/rank of ``slot``; modules absent get rank 0."""

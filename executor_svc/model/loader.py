@@ -19,11 +19,24 @@ def load_hf_config(model_dir: str | Path):
     return AutoConfig.from_pretrained(str(model_dir))
 
 
-def build_model(hf_config, *, device: torch.device, dtype: torch.dtype, num_slots: int,
-                max_rank: int, max_positions: int | None = None) -> CausalLM:
+def build_model(
+    hf_config,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    num_slots: int,
+    max_rank: int,
+    max_positions: int | None = None,
+) -> CausalLM:
     cfg = ModelConfig.from_hf(hf_config)
-    return CausalLM(cfg, num_slots=num_slots, max_rank=max_rank, dtype=dtype, device=device,
-                    max_positions=max_positions or cfg.max_position_embeddings)
+    return CausalLM(
+        cfg,
+        num_slots=num_slots,
+        max_rank=max_rank,
+        dtype=dtype,
+        device=device,
+        max_positions=max_positions or cfg.max_position_embeddings,
+    )
 
 
 def _checkpoint_files(model_dir: Path) -> list[Path]:
@@ -68,11 +81,24 @@ def load_weights(model: CausalLM, tensors) -> None:
         raise ValueError(f"checkpoint lacks {sorted(missing)}")
 
 
-def load_model(model_dir: str | Path, *, device: torch.device, dtype: torch.dtype,
-               num_slots: int, max_rank: int, max_positions: int | None = None) -> CausalLM:
+def load_model(
+    model_dir: str | Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    num_slots: int,
+    max_rank: int,
+    max_positions: int | None = None,
+) -> CausalLM:
     model_dir = Path(model_dir)
-    model = build_model(load_hf_config(model_dir), device=device, dtype=dtype,
-                        num_slots=num_slots, max_rank=max_rank, max_positions=max_positions)
+    model = build_model(
+        load_hf_config(model_dir),
+        device=device,
+        dtype=dtype,
+        num_slots=num_slots,
+        max_rank=max_rank,
+        max_positions=max_positions,
+    )
 
     def tensors():
         for f in _checkpoint_files(model_dir):

@@ -24,8 +24,10 @@ from safetensors.torch import load_file
 from executor_svc.engine.types import AdapterWeights, LoraModuleWeights
 
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.*\.layers\.(?P<layer>\d+)\.\w+\."
-                  r"(?P<proj>\w+))\.lora_(?P<ab>[AB])(?:\.\w+)?\.weight$")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.*\.layers\.(?P<layer>\d+)\.\w+\."
+    r"(?P<proj>\w+))\.lora_(?P<ab>[AB])(?:\.\w+)?\.weight$"
+)
 
 
 def _pattern_value(pattern: dict, module: str, default):
@@ -38,8 +40,9 @@ def _pattern_value(pattern: dict, module: str, default):
 def module_scale(config: dict, module: str) -> tuple[int, float]:
     """(rank, scale) PEFT gives ``module`` (e.g. "model.layers.0.self_attn.q_proj")."""
     r = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
-    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module,
-                                 config.get("lora_alpha", 8)))
+    alpha = float(
+        _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+    )
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return r, scale
 
@@ -56,8 +59,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return config
 
 
-def load_adapter(adapter_dir: str | Path, *, dtype: torch.dtype | None = None,
-                 device: str | torch.device = "cpu") -> AdapterWeights:
+def load_adapter(
+    adapter_dir: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> AdapterWeights:
     """Read ``adapter_config.json`` + ``adapter_model.safetensors`` into AdapterWeights."""
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
@@ -83,8 +87,10 @@ def load_adapter(adapter_dir: str | Path, *, dtype: torch.dtype | None = None,
         a, b = ab["A"], ab["B"]
         r, scale = module_scale(config, modules[(layer, proj)])
         if a.shape[0] != r or b.shape[1] != r:
-            raise ValueError(f"layer {layer} {proj}: tensors have rank {a.shape[0]}, "
-                             f"config says {r}")
-        out.setdefault(layer, {})[proj] = LoraModuleWeights(a=a.contiguous(), b=b.contiguous(),
-                                                            scale=scale)
+            raise ValueError(
+                f"layer {layer} {proj}: tensors have rank {a.shape[0]}, config says {r}"
+            )
+        out.setdefault(layer, {})[proj] = LoraModuleWeights(
+            a=a.contiguous(), b=b.contiguous(), scale=scale
+        )
     return out

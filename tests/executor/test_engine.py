@@ -13,18 +13,34 @@ from executor_svc.model.lora_loader import load_adapter
 from loraserve.devmodels import write_lora_adapter
 
 PROMPTS = [
-    "Translate the sentence to French.", "Solve the arithmetic problem: 12 plus 7",
-    "hello", "The quick brown fox jumps over the lazy dog. Premise: a man is walking.",
-    "def add(a, b):", "Is the sentiment of this review positive or negative?", "SELECT name",
+    "Translate the sentence to French.",
+    "Solve the arithmetic problem: 12 plus 7",
+    "hello",
+    "The quick brown fox jumps over the lazy dog. Premise: a man is walking.",
+    "def add(a, b):",
+    "Is the sentiment of this review positive or negative?",
+    "SELECT name",
     "Write a short poem about the sea.",
 ]
-PLANS = [[], [(0, 1.0)], [(1, 1.0)], [(0, 0.5), (1, 0.5)], [(2, 1.0)],
-         [(2, 0.3), (0, 0.7)], [(1, 0.2), (2, 0.3), (0, 0.5)], [(0, 1.0)]]
+PLANS = [
+    [],
+    [(0, 1.0)],
+    [(1, 1.0)],
+    [(0, 0.5), (1, 0.5)],
+    [(2, 1.0)],
+    [(2, 0.3), (0, 0.7)],
+    [(1, 0.2), (2, 0.3), (0, 0.5)],
+    [(0, 1.0)],
+]
 
 
 def req(i: int, max_tokens: int = 12, **kw) -> EngineRequest:
-    return EngineRequest(f"r{i}", PROMPTS[i % len(PROMPTS)], PLANS[i % len(PLANS)],
-                         SamplingOptions(max_tokens=max_tokens, ignore_eos=True, **kw))
+    return EngineRequest(
+        f"r{i}",
+        PROMPTS[i % len(PROMPTS)],
+        PLANS[i % len(PLANS)],
+        SamplingOptions(max_tokens=max_tokens, ignore_eos=True, **kw),
+    )
 
 
 async def collect(engine: Engine, request: EngineRequest, delay: float = 0.0):
@@ -39,8 +55,9 @@ async def collect(engine: Engine, request: EngineRequest, delay: float = 0.0):
 
 async def load_adapters(engine: Engine, model_dir, tmp_path, n: int = 3) -> None:
     for slot in range(n):
-        path = write_lora_adapter(tmp_path / f"a{slot}", model_dir, rank=4 + 2 * slot,
-                                  seed=slot + 1, init_scale=0.2)
+        path = write_lora_adapter(
+            tmp_path / f"a{slot}", model_dir, rank=4 + 2 * slot, seed=slot + 1, init_scale=0.2
+        )
         engine.model.set_lora(slot, load_adapter(path))
 
 
@@ -53,14 +70,16 @@ def assert_idle(engine: Engine) -> None:
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 async def test_mixed_batch_equals_alone(family, tiny_model_factory, tmp_path):
     model_dir = tiny_model_factory(family)
-    async with running_engine(model_dir, num_lora_slots=4, max_lora_rank=8,
-                              max_num_batched_tokens=24) as engine:
+    async with running_engine(
+        model_dir, num_lora_slots=4, max_lora_rank=8, max_num_batched_tokens=24
+    ) as engine:
         await load_adapters(engine, model_dir, tmp_path)
         alone = [await collect(engine, req(i)) for i in range(8)]
         # all at once, and staggered so requests join while others are mid-generation
         together = await asyncio.gather(*(collect(engine, req(i)) for i in range(8)))
-        staggered = await asyncio.gather(*(collect(engine, req(i), delay=0.005 * i)
-                                           for i in range(8)))
+        staggered = await asyncio.gather(
+            *(collect(engine, req(i), delay=0.005 * i) for i in range(8))
+        )
         for i in range(8):
             assert together[i][0] == alone[i][0], f"request {i} (plan {PLANS[i]}) differs"
             assert staggered[i][0] == alone[i][0]
@@ -79,8 +98,14 @@ async def test_preemption_and_chunked_prefill_keep_outputs(tiny_model_dir, tmp_p
     # 19 usable blocks of 4 tokens: 6 requests of ~50 tokens cannot all fit -> preemption;
     # a 5-token budget chunks every prompt.
     block_bytes = 2 * 2 * 4 * 2 * 16 * 4  # (k, v) x layers x block x kv heads x head dim x fp32
-    engine = Engine(tiny_model_dir, num_lora_slots=4, max_lora_rank=8, block_size=4,
-                    kv_memory_bytes=20 * block_bytes, max_num_batched_tokens=5)
+    engine = Engine(
+        tiny_model_dir,
+        num_lora_slots=4,
+        max_lora_rank=8,
+        block_size=4,
+        kv_memory_bytes=20 * block_bytes,
+        max_num_batched_tokens=5,
+    )
     await engine.start()
     try:
         await load_adapters(engine, tiny_model_dir, tmp_path)
@@ -118,8 +143,7 @@ async def test_cancellation_frees_kv_at_once(tiny_model_dir):
         assert last.finish_reason == "cancelled"
         assert_idle(engine)
         # a waiting request cancelled before it ever ran
-        many = [asyncio.create_task(collect(engine, req(10 + i, max_tokens=30)))
-                for i in range(5)]
+        many = [asyncio.create_task(collect(engine, req(10 + i, max_tokens=30))) for i in range(5)]
         await asyncio.sleep(0)
         for t in many:
             t.cancel()
@@ -155,8 +179,9 @@ async def test_stop_strings_and_min_tokens(tiny_model_dir):
 
 
 async def test_rejects_bad_requests(tiny_model_dir):
-    async with running_engine(tiny_model_dir, num_lora_slots=2, max_lora_rank=4,
-                              max_model_len=64) as engine:
+    async with running_engine(
+        tiny_model_dir, num_lora_slots=2, max_lora_rank=4, max_model_len=64
+    ) as engine:
         bad = [
             EngineRequest("a", "x " * 80, [], SamplingOptions()),
             EngineRequest("b", "hi", [(5, 1.0)], SamplingOptions()),

@@ -12,8 +12,10 @@ import asyncio
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 300] * 3, [1, 2, 3], [400, 401, 12, 9, 9, 77, 88, 13]]
 
@@ -35,10 +37,18 @@ def setup(tmp_path_factory):
     dm = _devmodels()
     build_tiny_model, write_lora_adapter = dm.build_tiny_model, dm.write_lora_adapter
     root = tmp_path_factory.mktemp("gpu")
-    model_dir = build_tiny_model(root / "m", architecture="qwen2", hidden_size=128,
-                                 intermediate_size=256, num_heads=4, num_kv_heads=2)
-    adapters = [write_lora_adapter(root / f"a{i}", model_dir, rank=4 + 4 * i, seed=i + 1,
-                                   init_scale=0.1) for i in range(3)]
+    model_dir = build_tiny_model(
+        root / "m",
+        architecture="qwen2",
+        hidden_size=128,
+        intermediate_size=256,
+        num_heads=4,
+        num_kv_heads=2,
+    )
+    adapters = [
+        write_lora_adapter(root / f"a{i}", model_dir, rank=4 + 4 * i, seed=i + 1, init_scale=0.1)
+        for i in range(3)
+    ]
     return model_dir, adapters
 
 
@@ -55,8 +65,9 @@ def test_bf16_logits_close_to_fp32_peft(setup):
     from executor_svc.model.lora_loader import load_adapter
 
     model_dir, adapters = setup
-    ours = load_model(model_dir, device=torch.device("cuda"), dtype=torch.bfloat16,
-                      num_slots=4, max_rank=16)
+    ours = load_model(
+        model_dir, device=torch.device("cuda"), dtype=torch.bfloat16, num_slots=4, max_rank=16
+    )
     for slot, path in enumerate(adapters):
         ours.set_lora(slot, load_adapter(path, dtype=torch.bfloat16))
     outs = batch_logits(ours, PROMPTS, [[(i, 1.0)] for i in range(3)])
@@ -89,20 +100,39 @@ def test_graph_decode_mixed_batch(setup):
     from executor_svc.model.lora_loader import load_adapter
 
     model_dir, adapters = setup
-    plans = [[], [(0, 1.0)], [(1, 1.0)], [(0, 0.5), (1, 0.5)], [(2, 1.0)], [(2, 0.3), (0, 0.7)],
-             [(1, 0.2), (2, 0.3), (0, 0.5)], [(1, 1.0)]]
+    plans = [
+        [],
+        [(0, 1.0)],
+        [(1, 1.0)],
+        [(0, 0.5), (1, 0.5)],
+        [(2, 1.0)],
+        [(2, 0.3), (0, 0.7)],
+        [(1, 0.2), (2, 0.3), (0, 0.5)],
+        [(1, 1.0)],
+    ]
 
     async def main():
-        engine = Engine(model_dir, device="cuda", num_lora_slots=4, max_lora_rank=16,
-                        max_num_seqs=8, cuda_graph_batch_sizes=[1, 4, 8])
+        engine = Engine(
+            model_dir,
+            device="cuda",
+            num_lora_slots=4,
+            max_lora_rank=16,
+            max_num_seqs=8,
+            cuda_graph_batch_sizes=[1, 4, 8],
+        )
         await engine.start()
         assert len(engine.runner.graphs) == 9
         for slot, path in enumerate(adapters):
             engine.model.set_lora(slot, load_adapter(path, dtype=torch.bfloat16))
 
         async def one(i):
-            r = EngineRequest(f"g{i}", "", plans[i], SamplingOptions(max_tokens=16,
-                              ignore_eos=True), prompt_token_ids=PROMPTS[i % 3])
+            r = EngineRequest(
+                f"g{i}",
+                "",
+                plans[i],
+                SamplingOptions(max_tokens=16, ignore_eos=True),
+                prompt_token_ids=PROMPTS[i % 3],
+            )
             return [t async for ev in engine.generate(r) for t in ev.token_ids]
 
         outs = await asyncio.gather(*(one(i) for i in range(8)))

@@ -21,8 +21,8 @@ def test_torch_lora_path_equals_reference(k):
     ranks = torch.randint(0, r + 1, (len(outs), slots), generator=g, dtype=torch.int32)
     for s, (aa, bb) in enumerate(zip(a, b, strict=True)):  # zero padding beyond each rank
         for slot in range(slots):
-            aa[slot, ranks[s, slot]:] = 0
-            bb[slot, :, ranks[s, slot]:] = 0
+            aa[slot, ranks[s, slot] :] = 0
+            bb[slot, :, ranks[s, slot] :] = 0
     scales = torch.rand(len(outs), slots, generator=g)
     tok_slots = torch.randint(-1, slots, (t, k), generator=g, dtype=torch.int32)
     tok_w = torch.rand(t, k, generator=g)
@@ -41,8 +41,9 @@ def test_paged_decode_triton_equals_torch(hq, hkv):
     k_cache = torch.randn(nblocks * bs, hkv, d, generator=g)
     v_cache = torch.randn(nblocks * bs, hkv, d, generator=g)
     lens = torch.tensor([1, 17, 70, 33], dtype=torch.int32)
-    tables = torch.tensor([[3, 0, 0, 0, 0], [5, 1, 0, 0, 0], [2, 4, 6, 7, 8], [9, 10, 11, 0, 0]],
-                          dtype=torch.int32)
+    tables = torch.tensor(
+        [[3, 0, 0, 0, 0], [5, 1, 0, 0, 0], [2, 4, 6, 7, 8], [9, 10, 11, 0, 0]], dtype=torch.int32
+    )
     q = torch.randn(4, hq, d, generator=g)
     ref = paged_decode_torch(q, k_cache, v_cache, tables, lens, d**-0.5, bs)
     out = paged_decode_triton(q, k_cache, v_cache, tables, lens, d**-0.5, bs)

@@ -16,18 +16,31 @@ PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 300], [1, 2, 3], [400, 401, 12, 9, 9, 9, 7
 
 ADAPTERS = {  # name -> write_lora_adapter kwargs
     "r8_all": {"rank": 8, "alpha": 16},
-    "r4_attn_rslora": {"rank": 4, "alpha": 8, "use_rslora": True,
-                       "target_modules": ["q_proj", "v_proj", "o_proj"]},
+    "r4_attn_rslora": {
+        "rank": 4,
+        "alpha": 8,
+        "use_rslora": True,
+        "target_modules": ["q_proj", "v_proj", "o_proj"],
+    },
     "r2_mlp": {"rank": 2, "alpha": 3, "target_modules": ["gate_proj", "down_proj"]},
-    "patterns": {"rank": 4, "alpha": 8, "rank_pattern": {"q_proj": 8, "layers.1.mlp.up_proj": 2},
-                 "alpha_pattern": {"down_proj": 32, "k_proj": 2}},
+    "patterns": {
+        "rank": 4,
+        "alpha": 8,
+        "rank_pattern": {"q_proj": 8, "layers.1.mlp.up_proj": 2},
+        "alpha_pattern": {"down_proj": 32, "k_proj": 2},
+    },
     "r16_kv": {"rank": 16, "alpha": 4, "target_modules": ["k_proj", "v_proj", "up_proj"]},
 }
 
 
 def _ours(model_dir, num_slots=4, max_rank=16):
-    return load_model(model_dir, device=torch.device("cpu"), dtype=torch.float32,
-                      num_slots=num_slots, max_rank=max_rank)
+    return load_model(
+        model_dir,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        num_slots=num_slots,
+        max_rank=max_rank,
+    )
 
 
 def _hf(model_dir):
@@ -38,7 +51,9 @@ def _hf(model_dir):
 
 def _assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     err = (ours - ref).abs()
-    assert err.max() < ATOL, f"{what}: max |diff| {err.max():.3g} at {divmod(int(err.argmax()), err.shape[-1])}"
+    assert err.max() < ATOL, (
+        f"{what}: max |diff| {err.max():.3g} at {divmod(int(err.argmax()), err.shape[-1])}"
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -75,8 +90,13 @@ def test_adapters_equal_peft(family, tiny_model_factory, tmp_path):
 
 
 def test_scales_follow_peft(tiny_model_dir, adapter_factory):
-    path = adapter_factory("pat", rank=4, alpha=8, rank_pattern={"q_proj": 8},
-                           alpha_pattern={"layers.1.self_attn.o_proj": 2})
+    path = adapter_factory(
+        "pat",
+        rank=4,
+        alpha=8,
+        rank_pattern={"q_proj": 8},
+        alpha_pattern={"layers.1.self_attn.o_proj": 2},
+    )
     w = load_adapter(path)
     assert w[0]["q_proj"].scale == pytest.approx(1.0) and w[0]["q_proj"].a.shape[0] == 8
     assert w[1]["o_proj"].scale == pytest.approx(0.5) and w[0]["o_proj"].scale == 2.0
@@ -90,8 +110,9 @@ def test_mixture_is_weighted_sum_of_deltas(tiny_model_dir, adapter_factory):
     from executor_svc.engine.types import LoraModuleWeights
 
     model = _ours(tiny_model_dir, num_slots=4, max_rank=16)
-    adapters = [load_adapter(adapter_factory(f"m{i}", rank=2 + 2 * i, seed=10 + i))
-                for i in range(3)]
+    adapters = [
+        load_adapter(adapter_factory(f"m{i}", rank=2 + 2 * i, seed=10 + i)) for i in range(3)
+    ]
     for slot, w in enumerate(adapters):
         model.set_lora(slot, w)
     _check_projection_linearity(model)
@@ -100,9 +121,15 @@ def test_mixture_is_weighted_sum_of_deltas(tiny_model_dir, adapter_factory):
         layer: {
             name: LoraModuleWeights(
                 a=torch.cat([adapters[s][layer][name].a for s, _ in mix]),
-                b=torch.cat([adapters[s][layer][name].b * w * adapters[s][layer][name].scale
-                             for s, w in mix], dim=1),
-                scale=1.0)
+                b=torch.cat(
+                    [
+                        adapters[s][layer][name].b * w * adapters[s][layer][name].scale
+                        for s, w in mix
+                    ],
+                    dim=1,
+                ),
+                scale=1.0,
+            )
             for name in adapters[0][layer]
         }
         for layer in adapters[0]
@@ -126,8 +153,9 @@ def _check_projection_linearity(model):
     base = layer(x, None)
     deltas = [run([(s, 1.0)]) - base for s in range(3)]
     mix = run([(0, 0.2), (1, 0.5), (2, 0.3)]) - base
-    torch.testing.assert_close(mix, 0.2 * deltas[0] + 0.5 * deltas[1] + 0.3 * deltas[2],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        mix, 0.2 * deltas[0] + 0.5 * deltas[1] + 0.3 * deltas[2], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_unset_modules_and_reset(tiny_model_dir, adapter_factory):
@@ -141,4 +169,5 @@ def test_unset_modules_and_reset(tiny_model_dir, adapter_factory):
     model.reset_lora(1)
     torch.testing.assert_close(batch_logits(model, [PROMPTS[1]], [[(1, 1.0)]])[0], base)
     assert model.lora_bytes_per_slot() == 4 * 8 * sum(
-        len(m.names) * m.in_features + sum(m.out_sizes) for _, m in model.lora_layers())
+        len(m.names) * m.in_features + sum(m.out_sizes) for _, m in model.lora_layers()
+    )

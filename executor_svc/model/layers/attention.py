@@ -16,20 +16,34 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        ctx: StepContext,
+    ) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] (rotated); writes k/v to the cache; -> [T, Hq, D]."""
         k_cache, v_cache = kv_cache
         k_cache.index_copy_(0, ctx.slot_mapping, k)
         v_cache.index_copy_(0, ctx.slot_mapping, v)
         nd = ctx.num_decode
         if not ctx.prefills:
-            return paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens,
-                                self.scale, ctx.block_size)
+            return paged_decode(
+                q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale, ctx.block_size
+            )
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = paged_decode(q[:nd], k_cache, v_cache, ctx.block_tables,
-                                    ctx.context_lens, self.scale, ctx.block_size)
+            out[:nd] = paged_decode(
+                q[:nd],
+                k_cache,
+                v_cache,
+                ctx.block_tables,
+                ctx.context_lens,
+                self.scale,
+                ctx.block_size,
+            )
         for p in ctx.prefills:
             sl = slice(p.start, p.start + p.length)
             if p.kv_rows is None:
@@ -37,8 +51,13 @@ class PagedAttention(nn.Module):
             else:
                 ks, vs, mask, causal = k_cache[p.kv_rows], v_cache[p.kv_rows], p.mask, False
             o = F.scaled_dot_product_attention(
-                q[sl].transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
-                vs.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=causal,
-                scale=self.scale, enable_gqa=True)
+                q[sl].transpose(0, 1).unsqueeze(0),
+                ks.transpose(0, 1).unsqueeze(0),
+                vs.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask,
+                is_causal=causal,
+                scale=self.scale,
+                enable_gqa=True,
+            )
             out[sl] = o.squeeze(0).transpose(0, 1)
         return out

@@ -34,14 +34,29 @@ def _rms_norm_kernel(X, W, Y, stride_x, stride_y, n, eps, BLOCK: tl.constexpr):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x)
     n = x.shape[-1]
-    _rms_norm_kernel[(x.shape[0],)](x, weight, y, x.stride(0), y.stride(0), n, eps,
-                                    BLOCK=triton.next_power_of_2(n), num_warps=8)
+    _rms_norm_kernel[(x.shape[0],)](
+        x, weight, y, x.stride(0), y.stride(0), n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8
+    )
     return y
 
 
 @triton.jit
-def _rope_kernel(X, Out, COS, SIN, POS, stride_xt, stride_xh, stride_ot, stride_oh, stride_c,
-                 n_heads, HALF: tl.constexpr, HP: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rope_kernel(
+    X,
+    Out,
+    COS,
+    SIN,
+    POS,
+    stride_xt,
+    stride_xh,
+    stride_ot,
+    stride_oh,
+    stride_c,
+    n_heads,
+    HALF: tl.constexpr,
+    HP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     t = tl.program_id(0)
     p = tl.load(POS + t)
     h = tl.arange(0, BLOCK_H)
@@ -59,16 +74,30 @@ def _rope_kernel(X, Out, COS, SIN, POS, stride_xt, stride_xh, stride_ot, stride_
     tl.store(ob + HALF, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=m)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-         sin: torch.Tensor) -> torch.Tensor:
+def rope(
+    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
     """x: [T, H, D] (any token/head strides, unit last stride); cos/sin: [max_pos, D] fp32."""
     t, h, d = x.shape
     out = torch.empty(t, h, d, dtype=x.dtype, device=x.device)
     if t:
-        _rope_kernel[(t,)](x, out, cos, sin, positions, x.stride(0), x.stride(1), out.stride(0),
-                           out.stride(1), cos.stride(0), h, HALF=d // 2,
-                           HP=triton.next_power_of_2(d // 2),
-                           BLOCK_H=triton.next_power_of_2(h), num_warps=4)
+        _rope_kernel[(t,)](
+            x,
+            out,
+            cos,
+            sin,
+            positions,
+            x.stride(0),
+            x.stride(1),
+            out.stride(0),
+            out.stride(1),
+            cos.stride(0),
+            h,
+            HALF=d // 2,
+            HP=triton.next_power_of_2(d // 2),
+            BLOCK_H=triton.next_power_of_2(h),
+            num_warps=4,
+        )
     return out
 
 
@@ -91,6 +120,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
     block = 1024
     if t:
-        _silu_mul_kernel[(t, triton.cdiv(n, block))](x, y, x.stride(0), y.stride(0), n,
-                                                     BLOCK=block, num_warps=4)
+        _silu_mul_kernel[(t, triton.cdiv(n, block))](
+            x, y, x.stride(0), y.stride(0), n, BLOCK=block, num_warps=4
+        )
     return y

@@ -40,10 +40,12 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_sizes, self.names = in_features, out_sizes, names
         self.offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
         kw = {"dtype": dtype, "device": device}
-        self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features, **kw),
-                                   requires_grad=False)
-        self.bias = (nn.Parameter(torch.zeros(sum(out_sizes), **kw), requires_grad=False)
-                     if bias else None)
+        self.weight = nn.Parameter(
+            torch.empty(sum(out_sizes), in_features, **kw), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(sum(out_sizes), **kw), requires_grad=False) if bias else None
+        )
         self.num_slots, self.max_rank = num_slots, max_rank
         self.has_lora = num_slots > 0 and max_rank > 0
         n = len(out_sizes)
@@ -79,8 +81,10 @@ class LoRALinear(nn.Module):
             if r > self.max_rank:
                 raise ValueError(f"{name}: rank {r} exceeds max_lora_rank {self.max_rank}")
             if mw.a.shape != (r, self.in_features) or mw.b.shape != (self.out_sizes[s], r):
-                raise ValueError(f"{name}: A {tuple(mw.a.shape)} / B {tuple(mw.b.shape)} do not "
-                                 f"fit [r, {self.in_features}] / [{self.out_sizes[s]}, r]")
+                raise ValueError(
+                    f"{name}: A {tuple(mw.a.shape)} / B {tuple(mw.b.shape)} do not "
+                    f"fit [r, {self.in_features}] / [{self.out_sizes[s]}, r]"
+                )
             a[:r].copy_(mw.a, non_blocking=True)
             a[r:].zero_()
             b[:, :r].copy_(mw.b, non_blocking=True)

@@ -11,8 +11,9 @@ from executor_svc.model.layers.fused_ops import rms_norm
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

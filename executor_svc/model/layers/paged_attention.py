@@ -29,10 +29,25 @@ TILE = 64  # tokens per loop iteration: 4 blocks of 16, 16 KB of K and of V per 
 
 @triton.jit
 def _paged_decode_kernel(
-    Q, K, V, Out, block_tables, context_lens, scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    block_tables,
+    context_lens,
+    scale,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -41,8 +56,11 @@ def _paged_decode_kernel(
     d = tl.arange(0, D)
     gmask = g < GROUP
     heads = kvh * GROUP + g
-    q = tl.load(Q + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=gmask[:, None], other=0.0)
+    q = tl.load(
+        Q + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=gmask[:, None],
+        other=0.0,
+    )
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
@@ -64,8 +82,11 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
-             out.to(Out.dtype.element_ty), mask=gmask[:, None])
+    tl.store(
+        Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=gmask[:, None],
+    )
 
 
 def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, block_size):
@@ -77,11 +98,26 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, 
     if b == 0:
         return out
     _paged_decode_kernel[(b, hkv)](
-        q, k_cache, v_cache, out, block_tables, context_lens, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
-        BLOCK_SIZE=block_size, TILE=TILE, num_warps=4,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        context_lens,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        D=d,
+        BLOCK_SIZE=block_size,
+        TILE=TILE,
+        num_warps=4,
     )
     return out
 
@@ -94,8 +130,9 @@ def paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, b
     k = k_cache[rows].transpose(1, 2)  # [B, Hkv, L, D]
     v = v_cache[rows].transpose(1, 2)
     mask = (pos[None, :] < context_lens[:, None].long())[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
-                                         enable_gqa=True)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
+    )
     return out.squeeze(2)
 
 

@@ -44,8 +44,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T] int64. Returns rotated (q, k)."""
         if q.is_cuda:
-            return (rope(q, positions, self.cos, self.sin),
-                    rope(k, positions, self.cos, self.sin))
+            return (rope(q, positions, self.cos, self.sin), rope(k, positions, self.cos, self.sin))
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
