@@ -9,7 +9,8 @@ TrainRetrieverRequest fields). The steps, each reported through ``registry_svc.j
     2. contrastive fine-tuning of the active model on the train split (finetune.py);
        saved to data_dir/models/<model id>/
     3. held-out top-1 with the current and the new model: the job FAILS, leaving the alias
-       untouched, if the new model does worse (or gains less than ``train_min_gain``)
+       untouched, if the new model does worse (or gains less than ``train_min_gain``); the
+       out-of-distribution same-domain top-1 (own adapter removed) is reported alongside
     4. re-embed every READY adapter (all tenants) into a NEW collection named after the model
        (reembed.py), reconcile it with adapters that changed meanwhile
     5. move the alias ``adapters_active`` (atomic), reconcile once more, record the model in
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -117,7 +119,7 @@ def _train(
     old_dir = model_dir_for_collection(common, old_collection)
     prefix = settings.instruction_prefix
     report(progress=0.03, message=f"held-out check of the current model ({old_dir.name})")
-    before = accuracy(Embedder(old_dir, instruction_prefix=prefix), split)
+    before = accuracy(Embedder(old_dir, instruction_prefix=prefix), split, domains=domains)
 
     # Job ids share a prefix ("train-retriever-..."): name the model after a hash of the id.
     model_id = f"retriever-ft-{hashlib.sha256(job_id.encode()).hexdigest()[:12]}"
@@ -145,7 +147,7 @@ def _train(
     train_s = time.perf_counter() - started
     new_embedder = Embedder(out_dir, model_id=model_id, instruction_prefix=prefix)
     report(progress=0.72, message="held-out check of the new model")
-    after = accuracy(new_embedder, split)
+    after = accuracy(new_embedder, split, domains=domains)
     metrics = {
         "adapters": float(len(groups)),
         "train_samples": float(split.train_count),
@@ -154,8 +156,9 @@ def _train(
         "final_loss": trained.final_loss,
         "mean_loss": trained.mean_loss,
         "train_seconds": train_s,
-        **{f"heldout_{k}_before": v for k, v in before.items()},
-        **{f"heldout_{k}_after": v for k, v in after.items()},
+        # ood_top1 is NaN when no adapter has a same-domain peer: left out then
+        **{f"heldout_{k}_before": v for k, v in before.items() if not math.isnan(v)},
+        **{f"heldout_{k}_after": v for k, v in after.items() if not math.isnan(v)},
     }
     report(metrics=metrics)
     if after["top1"] < before["top1"] + settings.train_min_gain:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from retriever_fixtures import BASE, QUERIES, SAMPLES, Stack, retriever_stack
 
@@ -13,6 +16,7 @@ from loraserve.api.v1 import jobs_pb2, retriever_pb2
 from loraserve.settings import CommonSettings
 from registry_svc import jobs
 from registry_svc.db import open_database
+from retriever_svc.heldout import Split, accuracy
 from retriever_svc.settings import RetrieverSettings
 from retriever_svc.training import run_training
 
@@ -57,6 +61,8 @@ async def test_train_retriever_switches_collections(tmp_path, tiny_model_dir, ti
         assert progress == sorted(progress) and progress[-1] == 1.0 and len(updates) >= 3
         assert job.metrics["steps"] == 3 and job.metrics["heldout_samples"] == 4
         assert job.metrics["heldout_top1_after"] >= job.metrics["heldout_top1_before"]
+        # every adapter has a domain of its own: no out-of-distribution figure to report
+        assert "heldout_ood_top1_after" not in job.metrics
 
         new = job.result
         assert V.active_collection(client) == new != old
@@ -107,3 +113,26 @@ def test_a_redelivered_finished_job_is_not_run_again(tmp_path) -> None:
     settings = RetrieverSettings(common=common)
     assert run_training(settings, "train-retriever-1", {"base_model": BASE}) == "adapters__x"
     assert jobs.get_job(db, "train-retriever-1").state == jobs.SUCCEEDED
+
+
+class _FakeEmbedder:
+    """Each text is its own 2-d vector, written as "x,y"."""
+
+    def embed(self, texts, use_cache=False):
+        vecs = np.array([[float(v) for v in t.split(",")[:2]] for t in texts], dtype=np.float32)
+        return SimpleNamespace(vectors=vecs / np.linalg.norm(vecs, axis=1, keepdims=True))
+
+
+def test_heldout_reports_out_of_distribution_same_domain_top1() -> None:
+    # a and b share a domain; c lies between them; d's domain has no other adapter.
+    split = Split(
+        train={"a": ["1,0"], "b": ["1,0.2"], "c": ["1,0.5"], "d": ["0,1"]},
+        held={"a": ["1,0.05"], "b": ["1,0.45,x"], "c": [], "d": ["0.1,1"]},
+    )
+    domains = {"a": "x", "b": "x", "c": "y", "d": "z"}
+    got = accuracy(_FakeEmbedder(), split, ks=(1,), domains=domains)
+    assert got["top1"] == pytest.approx(2 / 3)  # b's sample is nearer c's centroid
+    # a's sample without a -> b (same domain); b's without b -> c (not); d has no peer
+    assert got["ood_top1"] == pytest.approx(1 / 2)
+    assert "ood_top1" not in accuracy(_FakeEmbedder(), split, ks=(1,))
+    assert math.isnan(accuracy(_FakeEmbedder(), split, domains={})["ood_top1"])
