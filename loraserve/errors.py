@@ -27,15 +27,14 @@ class LoraserveError(Exception):
     """Base class: an error with a gRPC status code and optional structured details."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    reason: str = "INTERNAL"
 
     def __init__(
         self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None
     ):
         super().__init__(message)
         self.message = message
-        if reason:
-            self.reason = reason
+        # ErrorInfo.reason: the code's name unless the raiser names something more specific.
+        self.reason = reason or self.code.name
         self.metadata = dict(metadata or {})
 
     def details(self) -> list[any_pb2.Any]:
@@ -59,7 +58,6 @@ class InvalidArgument(LoraserveError):
     """Bad input; carries ``BadRequest`` field violations."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "INVALID_ARGUMENT"
 
     def __init__(self, message: str, violations: list[FieldViolation] | None = None, **kw):
         super().__init__(message, **kw)
@@ -86,7 +84,6 @@ class InvalidArgument(LoraserveError):
 
 class NotFound(LoraserveError):
     code = grpc.StatusCode.NOT_FOUND
-    reason = "NOT_FOUND"
 
     def __init__(self, message: str, *, resource_type: str = "", resource_name: str = "", **kw):
         super().__init__(message, **kw)
@@ -107,19 +104,16 @@ class NotFound(LoraserveError):
 
 class AlreadyExists(LoraserveError):
     code = grpc.StatusCode.ALREADY_EXISTS
-    reason = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(LoraserveError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(LoraserveError):
     """Full (queue, slots, memory); carries ``RetryInfo`` with a suggested delay."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "RESOURCE_EXHAUSTED"
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, **kw):
         super().__init__(message, **kw)
@@ -136,37 +130,30 @@ class ResourceExhausted(LoraserveError):
 
 class Unavailable(LoraserveError):
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "UNAVAILABLE"
 
 
 class DeadlineExceeded(LoraserveError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-    reason = "DEADLINE_EXCEEDED"
 
 
 class Cancelled(LoraserveError):
     code = grpc.StatusCode.CANCELLED
-    reason = "CANCELLED"
 
 
 class Unauthenticated(LoraserveError):
     code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "UNAUTHENTICATED"
 
 
 class PermissionDenied(LoraserveError):
     code = grpc.StatusCode.PERMISSION_DENIED
-    reason = "PERMISSION_DENIED"
 
 
 class Internal(LoraserveError):
     code = grpc.StatusCode.INTERNAL
-    reason = "INTERNAL"
 
 
 class Unimplemented(LoraserveError):
     code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "UNIMPLEMENTED"
 
 
 _BY_CODE: dict[grpc.StatusCode, type[LoraserveError]] = {

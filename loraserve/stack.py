@@ -88,9 +88,12 @@ class Stack:
         self.procs: dict[str, subprocess.Popen] = {}
         self.info: StackInfo | None = None
 
+    def _address(self, port: int) -> str:
+        return f"{self.config.host}:{port}"
+
     def _env(self, model_dir: Path) -> dict[str, str]:
         c = self.config
-        addr = lambda port: f"{c.host}:{port}"  # noqa: E731
+        addr = self._address
         env = dict(os.environ)
         env.update(
             LORASERVE_DATA_DIR=str(c.data_dir.resolve()),
@@ -151,7 +154,7 @@ class Stack:
                 env,
             )
         self._spawn("executor", ["-m", "executor_svc"], env)
-        a = lambda port: f"{c.host}:{port}"  # noqa: E731
+        a = self._address
         self.info = StackInfo(
             base_model, str(model_dir), a(c.registry_port), a(c.retriever_port), a(c.executor_port)
         )
