@@ -55,6 +55,7 @@ Duplicated slots in one token are merged (weights summed); zero weights are drop
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,11 @@ class LoraBatchMeta:
     tile_len: torch.Tensor  # [G] int32, rows in the tile (0 for padding tiles)
     tile_col: torch.Tensor  # [G] int32, first of the tile_k columns of h the tile fills
     tile_slots: torch.Tensor  # [G, tile_k] int32, slots shared by all rows of the tile
+    # Every tensor above is a view of one of these two, so a captured graph's meta is refreshed
+    # with two copies: int_buf = token_slots, row_tokens, tile_start, tile_len, tile_col,
+    # tile_slots; float_buf = token_weights, row_weights (in that order).
+    int_buf: torch.Tensor
+    float_buf: torch.Tensor
     num_tokens: int
     max_k: int  # K
     num_slots: int
@@ -188,6 +194,16 @@ def _column_is_cheaper(plan: _Layout, column: _Layout, num_tokens: int, k: int) 
     return 16 * plan_loads > 32 * len(column.start) + 3 * (k - 1) * num_tokens
 
 
+def _pick_pad(pad_tiles_to: int | Sequence[int] | None, needed: int) -> int | None:
+    if pad_tiles_to is None:
+        return None
+    pads = [pad_tiles_to] if isinstance(pad_tiles_to, int) else sorted(pad_tiles_to)
+    fits = [p for p in pads if p >= needed]
+    if not fits:
+        raise ValueError(f"pad_tiles_to={pad_tiles_to} < {needed} tiles needed")
+    return fits[0]
+
+
 def build_lora_meta(
     token_slots: torch.Tensor,
     token_weights: torch.Tensor,
@@ -195,7 +211,7 @@ def build_lora_meta(
     device: torch.device | None = None,
     *,
     block_m: int | None = None,
-    pad_tiles_to: int | None = None,
+    pad_tiles_to: int | Sequence[int] | None = None,
     mode: str | None = None,
 ) -> LoraBatchMeta:
     """Turn per-token plans into the kernels' index buffers (host work, once per step).
@@ -211,7 +227,8 @@ def build_lora_meta(
         pad_tiles_to: launch this many programs per expand pass along the tile axis (extra
             tiles are empty), so that a CUDA graph captured with this meta can be replayed
             with another meta of the same T, K, mode and pad; must be >= the tiles needed (T
-            is always enough).
+            is always enough). A sequence of pads picks the smallest that fits (graphs
+            captured per tile bucket: the grids grow with the tiles in use, not with T).
         mode: "plan" or "column" (see the module docstring); default: the cheaper by a
             simple cost model. Fix it when capturing CUDA graphs.
     """
@@ -251,9 +268,8 @@ def build_lora_meta(
     mode = mode or "plan"
     tile_k = lay.slots.shape[1]
     num_tiles = len(lay.start)
-    if pad_tiles_to is not None and max(lay.passes) > pad_tiles_to:
-        raise ValueError(f"pad_tiles_to={pad_tiles_to} < {max(lay.passes)} tiles needed")
-    passes = lay.passes if pad_tiles_to is None else [pad_tiles_to] * len(lay.passes)
+    pad = _pick_pad(pad_tiles_to, max(lay.passes))
+    passes = lay.passes if pad is None else [pad] * len(lay.passes)
     grid = sum(passes)
     # Tile arrays, each pass padded to its grid share with empty tiles (len 0, slots -1).
     dest = np.concatenate([np.arange(n) + sum(passes[:i]) for i, n in enumerate(lay.passes)])
@@ -281,6 +297,8 @@ def build_lora_meta(
         tile_len=iv[3],
         tile_col=iv[4],
         tile_slots=iv[5].view(grid, tile_k),
+        int_buf=ib,
+        float_buf=fb,
         num_tokens=t,
         max_k=k,
         num_slots=num_slots,

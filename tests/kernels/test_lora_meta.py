@@ -174,3 +174,33 @@ BAD = [
 def test_invalid_plans_are_refused(slots, weights, num_slots, kw, match) -> None:
     with pytest.raises(ValueError, match=match):
         build_lora_meta(slots, weights, num_slots, torch.device("cpu"), **kw)
+
+
+def test_pad_buckets_pick_the_smallest_that_fits() -> None:
+    """Graphs are captured per tile bucket; the builder pads to the smallest bucket that holds
+    the step's tiles, and refuses a step that needs more than the largest."""
+    slots = torch.tensor([[0], [0], [1], [-1], [2], [2]], dtype=torch.int32)
+    w = (slots >= 0).float()
+    cpu = torch.device("cpu")
+    meta = build_lora_meta(slots, w, 4, cpu, block_m=16, pad_tiles_to=[8, 1, 4])
+    assert (meta.num_tiles, meta.grid_tiles) == (3, 4)
+    one = build_lora_meta(slots[:2], w[:2], 4, cpu, block_m=16, pad_tiles_to=[1, 4, 8])
+    assert one.grid_tiles == 1
+    with pytest.raises(ValueError, match="tiles needed"):
+        build_lora_meta(slots, w, 4, cpu, block_m=16, pad_tiles_to=[1, 2])
+
+
+def test_index_buffers_are_views_of_two_packed_buffers() -> None:
+    """A captured graph's meta is refreshed by copying int_buf and float_buf only."""
+    slots = torch.tensor([[0, 2], [1, -1], [-1, -1], [2, 0]], dtype=torch.int32)
+    weights = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.0, 0.0], [0.3, 0.7]])
+    a = build_lora_meta(slots, weights, 4, torch.device("cpu"), block_m=16, pad_tiles_to=4)
+    b = build_lora_meta(
+        slots.flip(0), weights.flip(0), 4, torch.device("cpu"), block_m=16, pad_tiles_to=4
+    )
+    a.int_buf.copy_(b.int_buf)
+    a.float_buf.copy_(b.float_buf)
+    for name in ("token_slots", "row_tokens", "tile_start", "tile_len", "tile_col", "tile_slots"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("token_weights", "row_weights"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
