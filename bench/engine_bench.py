@@ -8,6 +8,7 @@ with the base model, one merged adapter and a mixed batch over 8 adapters
 per step over the D2D copy bandwidth measured in the same run (read + write counted).
 
     python bench/engine_bench.py [--batches 32 64] [--peft-new-tokens 32] [--skip-peft]
+                                 [--compare-single-grid]
 """
 
 from __future__ import annotations
@@ -167,12 +168,24 @@ async def ours(args, bw: float) -> None:
         "64_distinct": lambda i: [(i % 64, 1.0)],
         "mixture_k2_8": lambda i: [(i % 8, 0.5), ((i + 1) % 8, 0.5)],
     }
+    # The previous decode-graph layout, for comparison in the same run: one graph per batch
+    # size and LoRA mode, its tile grid padded to the batch size.
+    single_grid = {b: [b] for b in engine.runner.tile_pads}
+    runs = [(name, plan, None) for name, plan in cases.items()]
+    if args.compare_single_grid:
+        runs += [
+            (f"{name}_single_grid", cases[name], single_grid)
+            for name in ("one_adapter", "8_distinct")
+        ]
     for batch in args.batches:
         base = None
-        for name, plan in cases.items():
+        for name, plan, pads in runs:
             plans = [plan(i) for i in range(batch)]
+            saved = engine.runner.tile_pads
+            engine.runner.tile_pads = pads or saved
             await run_case(engine, batch, plans, prompts)  # warm: Triton JIT of new shapes
             r = await run_case(engine, batch, plans, prompts)
+            engine.runner.tile_pads = saved
             roof = batch / (decode_step_bytes(engine.model, batch, PROMPT + NEW / 2) / bw)
             base = base or r["tok_s"]
             emit(
@@ -278,6 +291,11 @@ def main() -> None:
     p.add_argument("--graph-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 48, 64])
     p.add_argument("--peft-new-tokens", type=int, default=32)
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument(
+        "--compare-single-grid",
+        action="store_true",
+        help="also run 1 and 8 adapters with the decode graphs' tile grid padded to the batch",
+    )
     args = p.parse_args()
     bw = d2d_bandwidth()
     emit(

@@ -1,14 +1,18 @@
 """Runs one scheduled step on the device: builds the inputs, runs the model, samples.
 
-Pure-decode steps on CUDA replay a captured CUDA graph (one per padded batch size and LoRA
-mode: none / 1 adapter per token / up to 4): their inputs are copied into static buffers,
-padding rows write to the scratch KV block 0 and carry no adapter, so nothing is allocated
-on the device per step. Steps with prefill chunks run eagerly (attention per chunk).
+Pure-decode steps on CUDA replay a captured CUDA graph, one per padded batch size, LoRA mode
+(none / 1 adapter per token / up to 4) and, with adapters, tile bucket: the LoRA kernels
+launch one program per tile (run of tokens sharing a plan), and a graph's grid is fixed at
+capture, so graphs are captured for tile counts 1, 4, 16, ... up to the batch size and a step
+replays the smallest that holds its tiles. With one grid padded to the batch size, one
+adapter over 64 requests launched the programs of 64 distinct ones (measured: a LoRA step
+cost the same for 1 and for 8 adapters). Inputs are copied into static buffers (the LoRA
+metadata in two copies from pinned memory); padding rows write to the scratch KV block 0 and
+carry no adapter, so nothing is allocated on the device per step. Steps with prefill chunks
+run eagerly (attention per chunk).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import torch
@@ -25,14 +29,33 @@ from kernels.metadata import MAX_K
 GRAPH_META_MODE = "plan"  # fixed for capture and replay: buffer shapes must not change
 
 
-def _copy_meta(dst: LoraBatchMeta, src: LoraBatchMeta) -> None:
-    """Copy a step's (host-built) LoRA metadata into the buffers a graph was captured with."""
-    if (src.grid_tiles, src.mode, src.block_m) != (dst.grid_tiles, dst.mode, dst.block_m):
-        raise RuntimeError("LoRA metadata layout differs from the captured graph's")
-    for f in dataclasses.fields(dst):
-        buf = getattr(dst, f.name)
-        if isinstance(buf, torch.Tensor):
-            buf.copy_(getattr(src, f.name), non_blocking=True)
+def tile_pads(batch: int) -> list[int]:
+    """Tile counts that decode graphs of ``batch`` rows are captured for (ascending)."""
+    return [p for p in (1, 4, 16, 64, 256) if p < batch] + [batch]
+
+
+class _MetaStager:
+    """Pinned host copies of a step's LoRA metadata, sent to a graph's buffers in two copies.
+
+    The step loop waits for each step's sampled tokens before building the next step, so the
+    previous asynchronous copy out of these buffers has finished when they are rewritten."""
+
+    def __init__(self, max_ints: int, max_floats: int):
+        self.ints = torch.empty(max_ints, dtype=torch.int32).pin_memory()
+        self.floats = torch.empty(max_floats, dtype=torch.float32).pin_memory()
+
+    def copy(self, dst: LoraBatchMeta, src: LoraBatchMeta) -> None:
+        """Copy host-built ``src`` into the device buffers of ``dst`` (a captured graph's)."""
+        layout = ("grid_tiles", "mode", "block_m", "max_k", "num_tokens")
+        if any(getattr(src, f) != getattr(dst, f) for f in layout):
+            raise RuntimeError("LoRA metadata layout differs from the captured graph's")
+        for host, staged, dev in (
+            (src.int_buf, self.ints, dst.int_buf),
+            (src.float_buf, self.floats, dst.float_buf),
+        ):
+            n = host.numel()
+            staged[:n].copy_(host)
+            dev.copy_(staged[:n], non_blocking=True)
 
 
 def kv_bytes_per_block(model: CausalLM, block_size: int) -> int:
@@ -72,7 +95,11 @@ class ModelRunner:
         )
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(c.num_layers)]
         self.max_blocks = -(-max_model_len // block_size)
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        # (batch, LoRA mode, tile pad) -> graph; pad 0 without adapters.
+        self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        # Tile pads captured per batch size; a benchmark may restrict them ({b: [b]} is the
+        # single padded grid) to compare.
+        self.tile_pads: dict[int, list[int]] = {}
         self.graph_sizes = sorted(graph_batch_sizes) if self.device.type == "cuda" else []
         if self.graph_sizes:
             self._capture_all()
@@ -175,20 +202,23 @@ class ModelRunner:
         self.s_logits = torch.zeros(
             n, self.model.config.vocab_size, dtype=torch.float32, device=dev
         )
-        modes = [0] + ([1, MAX_K] if self.model.num_slots and self.model.max_rank else [])
+        lora = bool(self.model.num_slots and self.model.max_rank)
+        self._stager = _MetaStager(16 * MAX_K * n, 4 * MAX_K * n)  # ints 13 n, floats 8 n
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.graph_sizes):
-            for k in modes:
+            self.tile_pads[b] = tile_pads(b) if lora else []
+            modes = [(0, 0)] + [(k, pad) for k in (1, MAX_K) for pad in self.tile_pads[b]]
+            for k, pad in modes:
                 meta = None
-                if k:
+                if k:  # one active token: one tile, whatever the pad
                     slots = torch.full((b, k), -1, dtype=torch.int32)
-                    slots[:, 0] = 0
+                    slots[0, 0] = 0
                     meta = build_lora_meta(
                         slots,
                         (slots >= 0).float(),
                         self.model.num_slots,
                         dev,
-                        pad_tiles_to=b,
+                        pad_tiles_to=pad,
                         mode=GRAPH_META_MODE,
                     )
                 ctx = self._graph_ctx(b, meta)
@@ -198,7 +228,7 @@ class ModelRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self._graph_body(b, ctx)
-                self.graphs[(b, k)] = _Graph(graph, b, meta)
+                self.graphs[(b, k, pad)] = _Graph(graph, b, meta)
         torch.cuda.synchronize()
 
     def _graph_ctx(self, b: int, meta: LoraBatchMeta | None) -> StepContext:
@@ -240,7 +270,6 @@ class ModelRunner:
             dst[:b].copy_(torch.from_numpy(src), non_blocking=True)
         k = max((len(s.adapters) for s in seqs), default=0)
         mode = 0 if k == 0 else (1 if k == 1 else MAX_K)
-        g = self.graphs[(b, mode)]
         if mode:
             slots, weights = self._lora_plan(seqs, [1] * nd, mode)
             slots = np.pad(slots, ((0, b - nd), (0, 0)), constant_values=-1)
@@ -250,10 +279,13 @@ class ModelRunner:
                 torch.from_numpy(weights),
                 self.model.num_slots,
                 torch.device("cpu"),
-                block_m=g.meta.block_m,
-                pad_tiles_to=b,
+                block_m=self.graphs[(b, mode, b)].meta.block_m,
+                pad_tiles_to=self.tile_pads[b],
                 mode=GRAPH_META_MODE,
             )
-            _copy_meta(g.meta, host)
+            g = self.graphs[(b, mode, host.grid_tiles)]
+            self._stager.copy(g.meta, host)
+        else:
+            g = self.graphs[(b, 0, 0)]
         g.graph.replay()
         return self.s_logits[:nd]

@@ -94,22 +94,28 @@ def test_paged_decode_kernel_bf16():
     assert rel_err(out, ref) < 1e-2
 
 
+MIXED_PLANS = [
+    [],
+    [(0, 1.0)],
+    [(1, 1.0)],
+    [(0, 0.5), (1, 0.5)],
+    [(2, 1.0)],
+    [(2, 0.3), (0, 0.7)],
+    [(1, 0.2), (2, 0.3), (0, 0.5)],
+    [(1, 1.0)],
+]
+
+
 def test_graph_decode_mixed_batch(setup):
+    """Graph-decoded tokens agree with the eager model, for a mixed batch (6 tiles: the
+    8-tile graph of batch 8) and for 8 requests on one adapter (1 tile: the 1-tile graph)."""
     from executor_svc.engine import Engine, EngineRequest, SamplingOptions
+    from executor_svc.engine.model_runner import tile_pads
     from executor_svc.model.forward import batch_logits
     from executor_svc.model.lora_loader import load_adapter
 
     model_dir, adapters = setup
-    plans = [
-        [],
-        [(0, 1.0)],
-        [(1, 1.0)],
-        [(0, 0.5), (1, 0.5)],
-        [(2, 1.0)],
-        [(2, 0.3), (0, 0.7)],
-        [(1, 0.2), (2, 0.3), (0, 0.5)],
-        [(1, 1.0)],
-    ]
+    rounds = [MIXED_PLANS, [[(1, 1.0)]] * 8]
 
     async def main():
         engine = Engine(
@@ -121,13 +127,14 @@ def test_graph_decode_mixed_batch(setup):
             cuda_graph_batch_sizes=[1, 4, 8],
         )
         await engine.start()
-        assert len(engine.runner.graphs) == 9
+        # per batch size: no adapter, then K=1 and K=4 for each tile pad
+        assert len(engine.runner.graphs) == sum(1 + 2 * len(tile_pads(b)) for b in (1, 4, 8))
         for slot, path in enumerate(adapters):
             engine.model.set_lora(slot, load_adapter(path, dtype=torch.bfloat16))
 
-        async def one(i):
+        async def one(i, plans):
             r = EngineRequest(
-                f"g{i}",
+                f"g{i}-{len(plans[i])}-{id(plans)}",
                 "",
                 plans[i],
                 SamplingOptions(max_tokens=16, ignore_eos=True),
@@ -135,17 +142,20 @@ def test_graph_decode_mixed_batch(setup):
             )
             return [t async for ev in engine.generate(r) for t in ev.token_ids]
 
-        outs = await asyncio.gather(*(one(i) for i in range(8)))
-        st = engine.stats()
-        assert st.kv_blocks_free == st.kv_blocks_total
-        logits = batch_logits(engine.model, [PROMPTS[i % 3] + outs[i] for i in range(8)], plans)
+        results = []
+        for plans in rounds:
+            outs = await asyncio.gather(*(one(i, plans) for i in range(8)))
+            st = engine.stats()
+            assert st.kv_blocks_free == st.kv_blocks_total
+            seqs = [PROMPTS[i % 3] + outs[i] for i in range(8)]
+            results.append((plans, outs, batch_logits(engine.model, seqs, plans)))
         await engine.stop()
-        return outs, logits
+        return results
 
-    outs, logits = asyncio.run(main())
-    for i in range(8):
-        n = len(PROMPTS[i % 3])
-        lg = logits[i][n - 1 : -1]
-        picked = lg.gather(1, torch.tensor(outs[i], device="cuda")[:, None])[:, 0]
-        gap = lg.max(1).values - picked  # 0 where eager argmax agrees with the graph's token
-        assert float(gap.max()) < 0.05 * float(lg.std()), (i, gap)
+    for plans, outs, logits in asyncio.run(main()):
+        for i in range(8):
+            n = len(PROMPTS[i % 3])
+            lg = logits[i][n - 1 : -1]
+            picked = lg.gather(1, torch.tensor(outs[i], device="cuda")[:, None])[:, 0]
+            gap = lg.max(1).values - picked  # 0 where eager argmax agrees with the graph's token
+            assert float(gap.max()) < 0.05 * float(lg.std()), (plans[i], i, gap)
