@@ -39,7 +39,7 @@ from registry_svc.db import open_database
 from registry_svc.jobs import FAILED, RUNNING, SUCCEEDED, TERMINAL_STATES, get_job, update_job
 from retriever_svc import reembed
 from retriever_svc.active_model import model_dir_for_collection, models_dir, record_model
-from retriever_svc.finetune import FineTuneConfig, fine_tune
+from retriever_svc.finetune import DomainTerm, FineTuneConfig, fine_tune
 from retriever_svc.heldout import accuracy, split_samples
 from retriever_svc.settings import RetrieverSettings
 
@@ -240,6 +240,7 @@ def _config(request: dict[str, Any], settings: RetrieverSettings) -> FineTuneCon
         seed=int(seed) if seed is not None else 0,
         max_steps=settings.train_max_steps,
         domain_weight=settings.train_domain_weight,
+        domain_term=DomainTerm(settings.train_domain_term),
     )
 
 

@@ -6,9 +6,10 @@ import math
 import random
 
 import pytest
+import torch
 
 from loraserve.api.v1 import common_pb2
-from retriever_svc.finetune import make_batches
+from retriever_svc.finetune import DomainTerm, domain_loss, make_batches
 from retriever_svc.heldout import split_samples
 from retriever_svc.plans import PlanOptions, Weighting, build_plan, mixture_weights
 from retriever_svc.routing import ReplicaStats, choose_replica
@@ -152,3 +153,48 @@ def test_heldout_split() -> None:
     assert split.held["c"] == [] and split.train["c"] == ["c0"]
     assert not set(split.held["a"]) & set(split.train["a"])
     assert split_samples(pool, 0.2, seed=1).held == split.held  # seeded
+
+
+def _domain_loss_loop(sim: list[list[float]], domains: list[str], leave_own_out: bool) -> float:
+    """The module docstring's D(S), written as the loop."""
+    total, rows = 0.0, 0
+    for i, row in enumerate(sim):
+        cols = [j for j in range(len(row)) if not (leave_own_out and j == i)]
+        pos = [j for j in cols if j == i or (domains[i] and domains[j] == domains[i])]
+        if leave_own_out and not pos:
+            continue
+        total -= math.log(sum(math.exp(row[j]) for j in pos) / sum(math.exp(row[j]) for j in cols))
+        rows += 1
+    return total / rows if rows else 0.0
+
+
+# a0 and a1 share a domain but a0's sample sits nearer a2 (another domain): WITH_OWN is
+# satisfied by a0's own column, LEAVE_OWN_OUT is not. a2 and a3 have no peer in the batch.
+SIM = [[9.0, 1.0, 4.0, 0.0], [2.0, 8.0, 1.0, 0.5], [3.0, 0.0, 7.0, 6.0], [0.0, 1.0, 2.0, 5.0]]
+DOMAINS = ["nli", "nli", "qa", ""]
+DOMAIN_LOSS_CASES = [
+    (SIM, DOMAINS, DomainTerm.WITH_OWN),
+    (SIM, DOMAINS, DomainTerm.LEAVE_OWN_OUT),
+    (SIM, ["a", "b", "c", ""], DomainTerm.LEAVE_OWN_OUT),  # no shared domain: 0
+    (SIM, ["", "", "", ""], DomainTerm.WITH_OWN),  # only the own column: the task CE
+]
+
+
+@pytest.mark.parametrize(("sim", "domains", "term"), DOMAIN_LOSS_CASES)
+def test_domain_loss_matches_the_loop(sim, domains, term: DomainTerm) -> None:
+    t = torch.tensor(sim, requires_grad=True)
+    got = domain_loss(t, domains, term)
+    want = _domain_loss_loop(sim, domains, term is DomainTerm.LEAVE_OWN_OUT)
+    assert float(got) == pytest.approx(want, rel=1e-5), (float(got), want)
+    if got.requires_grad:  # the masked own column must not turn gradients into NaN
+        got.backward()
+        assert torch.isfinite(t.grad).all()
+
+
+def test_leave_own_out_asks_for_a_same_domain_runner_up() -> None:
+    t = torch.tensor(SIM)
+    with_own = float(domain_loss(t, DOMAINS, DomainTerm.WITH_OWN))
+    leave_out = float(domain_loss(t, DOMAINS, DomainTerm.LEAVE_OWN_OUT))
+    # rows a0, a1: -log(e^1 / (e^1 + e^4 + e^0)) and -log(e^2 / (e^2 + e^1 + e^0.5)), averaged
+    assert leave_out == pytest.approx(1.7651, abs=1e-4)
+    assert with_own < 0.2 < 1.5 < leave_out

@@ -105,6 +105,28 @@ async def test_failing_heldout_check_keeps_the_old_collection(
         assert not resp.embedding_model.startswith("retriever-ft-")
 
 
+async def test_the_same_domain_term_is_chosen_by_settings(
+    tmp_path, tiny_model_dir, tiny_adapters, monkeypatch
+):
+    # Two domains with two adapters each: the same-domain term has pairs in every batch.
+    domains = dict(zip(TASKS, ("text", "generation", "code", "code", "generation"), strict=True))
+    monkeypatch.setenv("LORASERVE_RETRIEVER_TRAIN_MIN_GAIN", "2.0")  # both start from MiniLM
+    async with retriever_stack(tmp_path, tiny_model_dir) as st:
+        for i, task in enumerate(TASKS):
+            await st.push(task, tiny_adapters[i], SAMPLES[task], domain=domains[task])
+        losses = {}
+        for term in ("WITH_OWN", "LEAVE_OWN_OUT"):
+            monkeypatch.setenv("LORASERVE_RETRIEVER_TRAIN_DOMAIN_TERM", term)
+            job, _ = await train(st, epochs=1, batch_size=5, seed=1)
+            assert job.state == jobs_pb2.JOB_STATE_FAILED and "held-out top-1" in job.message
+            assert "heldout_ood_top1_before" in job.metrics  # peers exist: reported
+            losses[term] = job.metrics["mean_loss"]
+        # same batches, same starting model: only the domain term differs
+        assert losses["WITH_OWN"] != pytest.approx(losses["LEAVE_OWN_OUT"], rel=1e-3)
+    with pytest.raises(ValueError, match="train_domain_term"):
+        RetrieverSettings(train_domain_term="NEAREST")
+
+
 def test_a_redelivered_finished_job_is_not_run_again(tmp_path) -> None:
     common = CommonSettings(data_dir=tmp_path / "data")
     db = open_database(common)
