@@ -71,32 +71,6 @@ def pad3(items: Sequence, fill) -> list:
     return list(items) + [fill] * (SLICES_PER_LAUNCH - len(items))
 
 
-# The shrink's split-K fix-up counters, one zeroed int32 buffer per device. Every launch leaves
-# the entries it used at zero again, so one buffer serves all calls on that device; calls run
-# one after another on a stream (two streams running shrinks at once on one device would
-# need a buffer each). Allocated before any CUDA-graph capture (the warm-up calls do it):
-# graphs keep pointing at it.
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_OUTGROWN: list[torch.Tensor] = []  # replaced buffers stay alive: captured graphs use them
-_MIN_COUNTERS = 1 << 16  # (slice, tile) pairs: 3 slices x 4096 tokens x K=4 columns fit
-
-
-def split_counters(device: torch.device, needed: int) -> torch.Tensor:
-    """The device's fix-up counters (int32, all zero between launches), at least ``needed``."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < needed:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"LoRA shrink needs {needed} split counters during CUDA-graph capture; "
-                "run the captured call once eagerly first"
-            )
-        if buf is not None:
-            _OUTGROWN.append(buf)
-        buf = torch.zeros(max(needed, _MIN_COUNTERS), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
-
-
 def check_meta(meta, device: torch.device, what: str) -> None:
     if meta.block_m < 16:
         raise ValueError(f"{what}: meta.block_m={meta.block_m}; the kernels need >= 16")

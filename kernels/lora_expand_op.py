@@ -1,8 +1,7 @@
 """LoRA expand: y += w * scale * h @ B.T for every (token, adapter) pair, several slices.
 
-One program per (tile, BLOCK_N columns, slice). For each adapter of the tile's plan it reads
-the shrink's h (split-K partials already added by the shrink), applies each row's mixture
-weight and the adapter's scale,
+One program per (tile, BLOCK_N columns, slice). For each adapter of the tile's plan it sums
+the shrink's split-K partials, applies each row's mixture weight and the adapter's scale,
 rounds to the weights' dtype (as PEFT does between lora_A and lora_B) and multiplies by the
 adapter's B rows on the tensor cores; the program then writes y once for all of the tile's
 adapters, so y is read and written once per token in plan mode, without atomics (column mode
@@ -68,12 +67,14 @@ def _lora_expand_kernel(
     num_slots,
     stride_yt,
     stride_bn,
+    stride_hsp,
     stride_hs,
     stride_ht,
     TILE_K: tl.constexpr,
     KP: tl.constexpr,
     RANK_CHUNK: tl.constexpr,
     R_MAX: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     N_SLICES: tl.constexpr,
@@ -138,7 +139,11 @@ def _lora_expand_kernel(
                 if USE_PDL:
                     gdc_wait()  # the shrink's h is complete and visible past this point
                 # The shrink wrote these chunks whole (zeros above each rank).
-                hs = tl.load(h_rows + k * R_MAX + r[None, :], mask=hm, other=0.0)
+                hs = tl.zeros([BLOCK_M, RANK_CHUNK], dtype=tl.float32)
+                for sp in tl.static_range(NUM_SPLITS):
+                    hs += tl.load(
+                        h_rows + sp * stride_hsp + k * R_MAX + r[None, :], mask=hm, other=0.0
+                    )
                 hs = hs * (w * scale)[:, None]
                 if UPCAST:  # the interpreter mishandles bf16 arithmetic
                     acc += tl.dot(hs, bt.to(tl.float32), input_precision=DOT_PRECISION)
@@ -170,11 +175,11 @@ def lora_expand(
                     if slot >= 0:
                         r = ranks[s, slot]
                         y[t, off_s:off_s + out_s] += (token_weights[t, k] * scales[s, slot]
-                                                      * h[s, t, k, :r] @ B[s][slot, :, :r].T)
+                                                      * h.sum(0)[s, t, k, :r] @ B[s][slot, :, :r].T)
 
     Args:
         y: [T, sum(out_s)] fp32/fp16/bf16, last dimension contiguous; updated in place.
-        h: [n_slices, T, max_k, r_max] float32, from :func:`lora_shrink`.
+        h: [num_splits, n_slices, T, max_k, r_max] float32, from :func:`lora_shrink`.
         lora_b: one [slots, out_s, r_max] tensor per slice, y's dtype, same slots and r_max,
             contiguous along r.
         ranks: [n_slices, slots] int32 (must be <= r_max).
@@ -195,10 +200,10 @@ def lora_expand(
         for b in lora_b
     ):
         raise ValueError("lora_expand: B slices must share slots, r_max and the n stride")
-    if h.shape != (n_slices, y.shape[0], meta.max_k, r_max) or not h.is_contiguous():
+    if h.shape[1:] != (n_slices, y.shape[0], meta.max_k, r_max) or not h.is_contiguous():
         raise ValueError(
             f"lora_expand: h has shape {tuple(h.shape)}, expected "
-            f"[{n_slices}, {y.shape[0]}, {meta.max_k}, {r_max}]"
+            f"[splits, {n_slices}, {y.shape[0]}, {meta.max_k}, {r_max}]"
         )
     if scales.shape != ranks.shape or not scales.is_contiguous():
         raise ValueError("lora_expand: scales must be a contiguous [n_slices, slots] tensor")
@@ -223,7 +228,7 @@ def lora_expand(
                 continue
             _lora_expand_kernel[(n_tiles, n_blocks, g1 - g0)](
                 y,
-                h[g0:],
+                h[:, g0:],
                 b[0],
                 b[1],
                 b[2],
@@ -244,10 +249,12 @@ def lora_expand(
                 lora_b[0].stride(1),
                 h.stride(0),
                 h.stride(1),
+                h.stride(2),
                 TILE_K=meta.tile_k,
                 KP=kp,
                 RANK_CHUNK=chunk,
                 R_MAX=r_max,
+                NUM_SPLITS=h.shape[0],
                 BLOCK_M=meta.block_m,
                 BLOCK_N=block_n,
                 N_SLICES=g1 - g0,

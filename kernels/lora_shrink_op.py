@@ -5,19 +5,13 @@ One program per (tile, K split, slice). A tile is a run of tokens sharing one pl
 multiplies them on the tensor cores by the *stacked* A rows of all the plan's adapters
 (columns ``k * RANK_CHUNK + r``): K adapters per token cost one pass over x. Rank chunks run up
 to the largest rank of the plan, so rows above an adapter's rank are never loaded, and slots
-of a lower rank than ``r_max`` cost no padded chunks.
+of a lower rank than ``r_max`` cost no padded chunks. The K dimension is split across programs
+(split-K, as in Punica's BGMV shrink) so that decode batches of a few tokens still spread
+over the whole GPU; the partial sums are added by the expand, not with atomics, which keeps
+the result deterministic and needs no zeroed buffer.
 
-Split-K: the ``in`` dimension is split across programs (as in Punica's BGMV shrink) so that
-decode batches of a few tokens still spread over the whole GPU. Each split writes its partial
-sums to a scratch buffer and bumps a per-(slice, tile) counter; the program that arrives last
-adds the partials in split order (deterministic; no float atomics), writes the finished h and
-sets the counter back to zero for the next call (the semaphore fix-up of stream-K GEMMs).
-The expand then reads one h row per (token, adapter). Before, every expand program summed
-the partials itself: ``splits x column blocks`` reads of each h row, more L2 traffic than the
-adapters' own bytes at 64 adapters over 64 tokens, and twice that for two adapters per token.
-
-Based on: Punica (Chen et al. 2023) SGMV/BGMV, S-LoRA (Sheng et al. 2023), vLLM punica ops,
-stream-K (Osama et al. 2023) for the fix-up. Ideas only; the code is ours.
+Based on: Punica (Chen et al. 2023) SGMV/BGMV, S-LoRA (Sheng et al. 2023), vLLM punica ops.
+Ideas only; the code is ours.
 """
 
 from __future__ import annotations
@@ -41,7 +35,6 @@ from kernels._common import (
     pdl_supported,
     rank_chunk,
     slice_groups,
-    split_counters,
 )
 from kernels.config import kernel_config
 from kernels.metadata import LoraBatchMeta
@@ -51,8 +44,6 @@ from kernels.metadata import LoraBatchMeta
 def _lora_shrink_kernel(
     x_ptr,
     h_ptr,
-    part_ptr,
-    count_ptr,
     a0_ptr,
     a1_ptr,
     a2_ptr,
@@ -68,7 +59,7 @@ def _lora_shrink_kernel(
     stride_xt,
     stride_as,
     stride_ar,
-    stride_psp,
+    stride_hsp,
     stride_hs,
     stride_ht,
     TILE_K: tl.constexpr,
@@ -77,7 +68,6 @@ def _lora_shrink_kernel(
     R_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     N_SLICES: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_R: tl.constexpr,
@@ -117,10 +107,7 @@ def _lora_shrink_kernel(
     a_rows = a_ptr + tl.maximum(slot_j, 0).to(tl.int64) * stride_as
     k_lo = split * k_per_split
     offs_k = tl.arange(0, BLOCK_K)
-    # [BLOCK_M, KP * RANK_CHUNK] offsets of this tile's h entries (also its partials').
-    h_offs = s * stride_hs + tok[:, None] * stride_ht + (col0 + kj[None, :]) * R_MAX
-    # One split writes h itself; several write partials for the last of them to add.
-    out_ptr = h_ptr if NUM_SPLITS == 1 else part_ptr + split * stride_psp
+    h_base = h_ptr + split * stride_hsp + s * stride_hs + tok[:, None] * stride_ht + col0 * R_MAX
 
     for r0 in range(0, max_rank, RANK_CHUNK):
         r = r0 + rj
@@ -140,38 +127,11 @@ def _lora_shrink_kernel(
                 xt = xt.to(tl.float32)
                 at = at.to(tl.float32)
             acc += tl.dot(xt, at, input_precision=DOT_PRECISION)
-        tl.store(
-            out_ptr + h_offs + r[None, :], acc, mask=_h_mask(row_ok, kj, r, TILE_K, R_MAX, EVEN_R)
-        )
-
-    if NUM_SPLITS > 1:  # noqa: SIM102 (constexpr test, then a runtime one)
-        if max_rank > 0:
-            # Every thread's partial stores precede the counter bump (CTA barrier, then the
-            # atomic's release at GPU scope); the last program's acquire makes all splits'
-            # stores visible to its loads.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(count_ptr + s * tl.num_programs(0) + tile, 1, sem="acq_rel")
-            if arrived == NUM_SPLITS - 1:
-                for r0 in range(0, max_rank, RANK_CHUNK):
-                    r = r0 + rj
-                    mask = _h_mask(row_ok, kj, r, TILE_K, R_MAX, EVEN_R)
-                    total = tl.zeros([BLOCK_M, KP * RANK_CHUNK], dtype=tl.float32)
-                    for sp in range(NUM_SPLITS):  # split order: the same sum on every run
-                        total += tl.load(
-                            part_ptr + sp * stride_psp + h_offs + r[None, :],
-                            mask=mask,
-                            other=0.0,
-                            cache_modifier=".cg",
-                        )
-                    tl.store(h_ptr + h_offs + r[None, :], total, mask=mask)
-                tl.atomic_xchg(count_ptr + s * tl.num_programs(0) + tile, 0, sem="relaxed")
-
-
-@triton.jit
-def _h_mask(row_ok, kj, r, TILE_K: tl.constexpr, R_MAX: tl.constexpr, EVEN_R: tl.constexpr):
-    if EVEN_R:  # no chunk crosses r_max
-        return row_ok[:, None] & (kj < TILE_K)[None, :]
-    return row_ok[:, None] & ((kj < TILE_K) & (r < R_MAX))[None, :]
+        if EVEN_R:  # no chunk crosses r_max
+            h_mask = row_ok[:, None] & (kj < TILE_K)[None, :]
+        else:
+            h_mask = row_ok[:, None] & ((kj < TILE_K) & (r < R_MAX))[None, :]
+        tl.store(h_base + kj[None, :] * R_MAX + r[None, :], acc, mask=h_mask)
 
 
 def lora_shrink(
@@ -182,7 +142,7 @@ def lora_shrink(
     *,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """Down-project every (token, adapter) pair of the batch.
+    """Down-project every (token, adapter) pair; returns split-K partial sums.
 
     Semantics:
         for s in range(n_slices):
@@ -191,7 +151,7 @@ def lora_shrink(
                     slot = token_slots[t, k]
                     if slot >= 0:
                         r = ranks[s, slot]
-                        h[s, t, k, :r] = x[t] @ A[s][slot, :r].T
+                        h.sum(0)[s, t, k, :r] = x[t] @ A[s][slot, :r].T
 
     Args:
         x: [T, in] fp32/fp16/bf16, last dimension contiguous.
@@ -202,7 +162,7 @@ def lora_shrink(
             num_stages).
 
     Returns:
-        h: [n_slices, T, max_k, r_max] float32 (fp32 accumulation over ``in``); entries of
+        [num_splits, n_slices, T, max_k, r_max] float32 partial sums over ``in``; entries of
         base-only tokens, empty (token, k) pairs and rows r >= rank are unspecified.
     """
     check_meta(meta, x.device, "lora_shrink")
@@ -217,16 +177,11 @@ def lora_shrink(
     block_k = min(cfg["BLOCK_K"], max(16, next_pow2(in_features)))
     k_per_split = cdiv(cdiv(in_features, cfg["SPLIT_K"]), block_k) * block_k
     num_splits = cdiv(in_features, k_per_split)
-    h = torch.empty(n_slices, t, meta.max_k, r_max, dtype=torch.float32, device=x.device)
+    h = torch.empty(
+        num_splits, n_slices, t, meta.max_k, r_max, dtype=torch.float32, device=x.device
+    )
     if meta.num_active == 0 or meta.grid_tiles == 0:
         return h
-    # Scratch for the splits' partial sums (the caching allocator's, so graph-capturable).
-    part = (
-        torch.empty(num_splits, *h.shape, dtype=torch.float32, device=x.device)
-        if num_splits > 1
-        else h
-    )
-    counters = split_counters(x.device, n_slices * meta.grid_tiles)
     kp, chunk = rank_chunk(r_max, meta.tile_k)
     a0 = lora_a[0]
     for g0, g1 in slice_groups(n_slices):
@@ -234,9 +189,7 @@ def lora_shrink(
         grid = (meta.grid_tiles, num_splits, g1 - g0)
         _lora_shrink_kernel[grid](
             x,
-            h[g0:],
-            part[:, g0:] if num_splits > 1 else h,
-            counters[g0 * meta.grid_tiles :],
+            h[:, g0:],
             a[0],
             a[1],
             a[2],
@@ -252,16 +205,15 @@ def lora_shrink(
             x.stride(0),
             a0.stride(0),
             a0.stride(1),
-            part.stride(0) if num_splits > 1 else 0,
             h.stride(0),
             h.stride(1),
+            h.stride(2),
             TILE_K=meta.tile_k,
             KP=kp,
             RANK_CHUNK=chunk,
             R_MAX=r_max,
             BLOCK_M=meta.block_m,
             BLOCK_K=block_k,
-            NUM_SPLITS=num_splits,
             N_SLICES=g1 - g0,
             EVEN_K=in_features % k_per_split == 0,
             EVEN_R=r_max % chunk == 0,
