@@ -8,7 +8,7 @@ with the base model, one merged adapter and a mixed batch over 8 adapters
 per step over the D2D copy bandwidth measured in the same run (read + write counted).
 
     python bench/engine_bench.py [--batches 32 64] [--peft-new-tokens 32] [--skip-peft]
-                                 [--compare-single-grid]
+                                 [--compare-single-grid] [--compare-send-order]
 """
 
 from __future__ import annotations
@@ -177,15 +177,20 @@ async def ours(args, bw: float) -> None:
             (f"{name}_single_grid", cases[name], single_grid)
             for name in ("one_adapter", "8_distinct")
         ]
+    if args.compare_send_order:  # tokens sent to the event loop before the next step's launch
+        runs += [(f"{name}_send_first", cases[name], "send_first") for name in cases]
     for batch in args.batches:
         base = None
-        for name, plan, pads in runs:
+        for name, plan, variant in runs:
             plans = [plan(i) for i in range(batch)]
             saved = engine.runner.tile_pads
-            engine.runner.tile_pads = pads or saved
+            if isinstance(variant, dict):
+                engine.runner.tile_pads = variant
+            engine.send_after_launch = variant != "send_first"
             await run_case(engine, batch, plans, prompts)  # warm: Triton JIT of new shapes
             r = await run_case(engine, batch, plans, prompts)
             engine.runner.tile_pads = saved
+            engine.send_after_launch = True
             roof = batch / (decode_step_bytes(engine.model, batch, PROMPT + NEW / 2) / bw)
             base = base or r["tok_s"]
             emit(
@@ -295,6 +300,11 @@ def main() -> None:
         "--compare-single-grid",
         action="store_true",
         help="also run 1 and 8 adapters with the decode graphs' tile grid padded to the batch",
+    )
+    p.add_argument(
+        "--compare-send-order",
+        action="store_true",
+        help="also run every case with each step's tokens sent before the next step is built",
     )
     args = p.parse_args()
     bw = d2d_bandwidth()

@@ -1,10 +1,17 @@
 """The async engine the serving layer drives: submit requests, stream tokens, manage slots.
 
 One worker thread runs the step loop (schedule -> model step -> postprocess) so the asyncio
-loop serving gRPC stays responsive; results cross back with one ``call_soon_threadsafe`` per
-step. Shared state (scheduler, blocks) is guarded by ``_lock``, held only while scheduling
-and postprocessing, never during the forward; ``model.step_lock`` is held during the forward,
-so ``model.set_lora``/``reset_lora`` (which take it) land between steps.
+loop serving gRPC stays responsive. Shared state (scheduler, blocks) is guarded by ``_lock``,
+held only while scheduling and postprocessing, never during the forward; ``model.step_lock``
+is held during the forward, so ``model.set_lora``/``reset_lora`` (which take it) land between
+steps.
+
+Results cross back through one ordered outbox, sent with one ``call_soon_threadsafe``: a
+step's tokens are sent once the *next* step's GPU work is queued (or at once when the loop
+goes idle), so the event loop turns them into stream messages while the GPU computes and the
+step thread waits for it with the GIL released. Sent straight after postprocessing, the event
+loop's per-request Python ran while the step thread built the next step, and the two threads
+took turns on the GIL on the critical path (a cost that grew with the batch).
 
 Sizing: the KV cache gets ``kv_memory_bytes`` (or, if not given, enough blocks for
 ``max_num_seqs`` full-length sequences), split into blocks of ``block_size`` tokens.
@@ -72,6 +79,13 @@ class Engine:
         self._completed = 0
         self._generated = 0
         self.error: BaseException | None = None
+        # (queue, item) deliveries in order, and whether the step loop is idle (waiting for
+        # work, or not running): then nothing else would send them, so they go at once.
+        self._outbox: list = []
+        self._idle = True
+        # False sends each step's tokens as soon as they are postprocessed (the earlier order;
+        # kept for benchmark comparisons).
+        self.send_after_launch = True
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -266,29 +280,45 @@ class Engine:
         self._seqs.pop(seq.request_id, None)
         self._completed += 1
         if last is not None:
-            self._post([(seq.sink, (last, reason))])
+            self._outbox.append((seq.sink, (last, reason)))
+            if self._idle:
+                self._send_outbox()
 
-    def _post(self, items) -> None:
+    def _send_outbox(self) -> None:
+        """Under ``_lock``: hand every pending delivery to the event loop, in order."""
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
+
         def deliver():
             for q, item in items:
                 q.put_nowait(item)
 
         self._loop.call_soon_threadsafe(deliver)
 
+    def _step_launched(self) -> None:
+        """Called by the runner once the step's GPU work is queued, before it waits."""
+        with self._lock:
+            self._send_outbox()
+
     def _run(self) -> None:
         try:
             while True:
                 with self._lock:
                     while not self._stopping and not self.scheduler.has_work():
+                        self._idle = True
+                        self._send_outbox()
                         self._wake.wait()
+                    self._idle = False
                     if self._stopping:
                         return
                     batch = self.scheduler.schedule()
                 if not batch.entries:
+                    self._step_launched()
                     time.sleep(0.001)
                     continue
                 with self.model.step_lock:
-                    tokens = self.runner.execute(batch)
+                    tokens = self.runner.execute(batch, on_launched=self._step_launched)
                 with self._lock:
                     self._postprocess(batch, tokens)
         except BaseException as exc:  # surface to every waiting consumer
@@ -296,11 +326,14 @@ class Engine:
             with self._lock:
                 for seq in list(self._seqs.values()):
                     self.scheduler.finish(seq, "error")
-                    self._post([(seq.sink, ([], exc))])
+                    self._outbox.append((seq.sink, ([], exc)))
                 self._seqs.clear()
+        finally:
+            with self._lock:
+                self._idle = True
+                self._send_outbox()
 
     def _postprocess(self, batch, tokens: list[int]) -> None:
-        out = []
         it = iter(tokens)
         eos = set(self.model.config.eos_token_ids)
         for seq, n in batch.entries:
@@ -326,9 +359,9 @@ class Engine:
                 self.scheduler.finish(seq, reason)
                 self._seqs.pop(seq.request_id, None)
                 self._completed += 1
-            out.append((seq.sink, ([token], reason)))
-        if out:
-            self._post(out)
+            self._outbox.append((seq.sink, ([token], reason)))
+        if not self.send_after_launch:
+            self._send_outbox()
 
 
 @contextlib.asynccontextmanager

@@ -14,6 +14,8 @@ run eagerly (attention per chunk).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -106,8 +108,12 @@ class ModelRunner:
 
     # -- eager path ----------------------------------------------------------------------
 
-    def execute(self, batch: ScheduledBatch) -> list[int]:
-        """Run the step; returns a token for every entry that reaches the end of its tokens."""
+    def execute(
+        self, batch: ScheduledBatch, on_launched: Callable[[], None] | None = None
+    ) -> list[int]:
+        """Run the step; returns a token for every entry that reaches the end of its tokens.
+
+        ``on_launched`` runs once the step's device work is queued, before waiting for it."""
         entries = batch.entries
         # The scheduler's copies: a live seq.block_table can be emptied by abort() (another
         # thread) mid-step, which made a decode row read past its block table on the device.
@@ -124,6 +130,8 @@ class ModelRunner:
             ids, ctx, logits_idx = self._prepare(entries, num_decode, tables)
             hidden = self.model(ids, ctx, self.kv_caches)
             logits = self.model.compute_logits(hidden[logits_idx])
+        if on_launched is not None:
+            on_launched()
         return sample(logits, samplers, self.eos_ids) if samplers else []
 
     def _lora_plan(self, seqs: list[Sequence], counts: list[int], k: int | None = None):
