@@ -4,12 +4,12 @@ Pure-decode steps on CUDA replay a captured CUDA graph, one per padded batch siz
 (none / 1 adapter per token / up to 4) and, with adapters, tile bucket: the LoRA kernels
 launch one program per tile (run of tokens sharing a plan), and a graph's grid is fixed at
 capture, so graphs are captured for tile counts 1, 4, 16, ... up to the batch size and a step
-replays the smallest that holds its tiles. With one grid padded to the batch size, one
-adapter over 64 requests launched the programs of 64 distinct ones (measured: a LoRA step
-cost the same for 1 and for 8 adapters). Inputs are copied into static buffers (the LoRA
-metadata in two copies from pinned memory); padding rows write to the scratch KV block 0 and
-carry no adapter, so nothing is allocated on the device per step. Steps with prefill chunks
-run eagerly (attention per chunk).
+replays the smallest that holds its tiles (with one grid padded to the batch size, one
+adapter over 64 requests launched as many programs as 64 distinct adapters; the buckets took
+0.1-0.7 ms of GPU time off a 7B decode step on the H100, docs/benchmarks.md). Inputs are
+copied into static buffers (the LoRA metadata in two copies from pinned memory); padding rows
+write to the scratch KV block 0 and carry no adapter, so nothing is allocated on the device
+per step. Steps with prefill chunks run eagerly (attention per chunk).
 """
 
 from __future__ import annotations
