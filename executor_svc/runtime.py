@@ -168,7 +168,12 @@ class ExecutorRuntime:
             sources.append(LocalDirSource(s.adapter_dir))
         if s.use_registry:
             sources.append(
-                RegistrySource(s.common.registry_address, s.cache_dir, token=s.common.client_token)
+                RegistrySource(
+                    s.common.registry_address,
+                    s.cache_dir,
+                    token=s.common.client_token,
+                    max_bytes=s.disk_cache_bytes,
+                )
             )
         return sources[0] if len(sources) == 1 else ChainSource(sources)
 

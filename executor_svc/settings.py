@@ -37,6 +37,11 @@ class ExecutorSettings(BaseSettings):
     adapter_memory_bytes: int = Field(0, description="GPU bytes for slots when num_lora_slots=0.")
     max_lora_rank: int = 64
     host_cache_bytes: int = Field(2 << 30, description="Host LRU of parsed adapters.")
+    disk_cache_bytes: int = Field(
+        50 << 30,
+        description="Disk budget of adapters downloaded from the registry, least recently "
+        "used evicted first; 0 = unbounded.",
+    )
     adapter_dir: str = Field("", description="Local PEFT dirs <dir>/<id>[/<version>], tried first.")
     use_registry: bool = Field(True, description="Fetch unknown adapters from the registry.")
     slot_wait_s: float = Field(10.0, description="Longest wait for a free slot before 429.")

@@ -13,7 +13,9 @@ DownloadAdapter stream (server-streaming) into ``<cache>/blobs/<sha256>``:
   and renamed into place, so a crash never leaves a half-written adapter that looks complete.
 
 Identical files (e.g. the same adapter_config.json in many versions) are stored once. NOT_FOUND
-and permission errors from the registry propagate as they are; they are not retried.
+and permission errors from the registry propagate as they are; they are not retried. With a
+byte budget (``max_bytes``), each new download is followed by an LRU eviction of the cache
+(:mod:`executor_svc.adapters.disk_cache`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import grpc
 
+from executor_svc.adapters.disk_cache import evict_lru, touch
 from executor_svc.adapters.local_source import CONFIG, WEIGHTS
 from executor_svc.adapters.refs import AdapterKey, ResolvedAdapter
 from executor_svc.errors import adapter_not_found, fetch_failed
@@ -59,13 +62,18 @@ class RegistrySource:
         chunk_size: int = 1 << 20,
         max_attempts: int = 5,
         rpc_timeout_s: float = 60.0,
+        max_bytes: int = 0,
+        min_age_s: float = 300.0,
     ):
+        """``max_bytes``: disk budget of the cache, least recently used adapters evicted
+        first (0 = unbounded); nothing used in the last ``min_age_s`` seconds is evicted."""
         self.address = address
         self.cache_dir = Path(cache_dir)
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self._chunk_size = chunk_size
         self._max_attempts = max_attempts
         self._timeout = rpc_timeout_s
+        self._max_bytes, self._min_age_s = max_bytes, min_age_s
         self._channel: grpc.aio.Channel | None = None
         self._files: dict[AdapterKey, list[common_pb2.FileInfo]] = {}
 
@@ -132,6 +140,7 @@ class RegistrySource:
         suffix = f"-{adapter.sha256[:16]}" if adapter.sha256 else ""
         final = self.cache_dir / "adapters" / f"{key.adapter_id}@{key.version}{suffix}"
         if final.is_dir():  # only complete directories ever get this name
+            touch(final)  # most recently used: the last to be evicted
             return final
         files = self._files.get(key) or [
             # GetAdapter listed no files: ask for the two PEFT files; sizes and digests then
@@ -151,11 +160,23 @@ class RegistrySource:
             if not final.is_dir():  # lost a race with another fetch of the same adapter: fine
                 raise
         log.info("adapter cached", extra={"adapter": str(key), "path": str(final)})
+        if self._max_bytes:
+            try:
+                await asyncio.to_thread(
+                    evict_lru,
+                    self.cache_dir,
+                    self._max_bytes,
+                    keep=final,
+                    min_age_s=self._min_age_s,
+                )
+            except OSError as exc:  # the adapter is in place; a failed clean-up can wait
+                log.warning("disk cache eviction failed", extra={"error": repr(exc)})
         return final
 
     async def _download_file(self, key: AdapterKey, info: common_pb2.FileInfo) -> Path:
         blobs = self.cache_dir / "blobs"
         if info.sha256 and (blobs / info.sha256).is_file():
+            touch(blobs / info.sha256)  # in use: not evicted before it is linked
             return blobs / info.sha256
         blobs.mkdir(parents=True, exist_ok=True)
         part = blobs / f".{uuid.uuid4().hex}.part"

@@ -21,6 +21,7 @@ import grpc
 import pytest
 from executor_fixtures import executor_settings, plan, running_executor
 
+from executor_svc.adapters.disk_cache import disk_usage
 from executor_svc.adapters.refs import AdapterKey
 from executor_svc.adapters.registry_client import RegistrySource
 from loraserve import vectors as V
@@ -243,3 +244,40 @@ async def test_corrupted_download_is_refused_and_leaves_nothing(
         cache = tmp_path / "cache"
         assert not list(cache.rglob("*.part")) and not list((cache / "blobs").iterdir())
         assert not (cache / "adapters").exists()
+
+
+async def test_disk_cache_evicts_least_recently_used_adapters(
+    tmp_path, tiny_model_dir, adapter_factory
+):
+    """A disk budget of two adapters: fetching a third evicts the least recently used one (a
+    fetch that finds an adapter counts as a use); fetching it again downloads it again."""
+    names = ("ev-a", "ev-b", "ev-c")
+    srcs = {n: adapter_factory(n, rank=2, seed=20 + i) for i, n in enumerate(names)}
+    async with registry(tmp_path, tiny_model_dir) as (address, reg):
+        for n in names:
+            await push(reg, n, srcs[n])
+        cache = tmp_path / "cache"
+        paths = {}
+        filler = RegistrySource(address, cache)
+        try:
+            for n in ("ev-a", "ev-b"):
+                paths[n] = await filler.fetch(await filler.resolve(n, 1))
+                await asyncio.sleep(0.01)  # distinct modification times
+        finally:
+            await filler.close()
+        budget = disk_usage(cache) + 1  # room for exactly these two
+        source = RegistrySource(address, cache, max_bytes=budget, min_age_s=0)
+        try:
+            assert await source.fetch(await source.resolve("ev-a", 1)) == paths["ev-a"]
+            await asyncio.sleep(0.01)
+            paths["ev-c"] = await source.fetch(await source.resolve("ev-c", 1))
+            assert not paths["ev-b"].exists(), "the least recently used adapter was kept"
+            assert paths["ev-a"].is_dir() and paths["ev-c"].is_dir()
+            assert disk_usage(cache) <= budget
+            await asyncio.sleep(0.01)
+            again = await source.fetch(await source.resolve("ev-b", 1))
+            assert not paths["ev-a"].exists() and paths["ev-c"].is_dir()
+        finally:
+            await source.close()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (again / name).read_bytes() == (srcs["ev-b"] / name).read_bytes()
