@@ -10,8 +10,8 @@ Results cross back through one ordered outbox, sent with one ``call_soon_threads
 step's tokens are sent once the *next* step's GPU work is queued (or at once when the loop
 goes idle), so the event loop turns them into stream messages while the GPU computes and the
 step thread waits for it with the GIL released. Sent straight after postprocessing, the event
-loop's per-request Python ran while the step thread built the next step, and the two threads
-took turns on the GIL on the critical path (a cost that grew with the batch).
+loop's per-request Python competed for the GIL with the step thread building the next step;
+the new order gave +3 to +13% decode tokens/s on the H100 (docs/benchmarks.md, 2026-11-25).
 
 Sizing: the KV cache gets ``kv_memory_bytes`` (or, if not given, enough blocks for
 ``max_num_seqs`` full-length sequences), split into blocks of ``block_size`` tokens.
