@@ -4,6 +4,12 @@ Stream shape: one ``PushAdapterHeader``, then ``FileChunk``s, each file's chunks
 order (files one after the other). Everything is checked as it arrives so a bad upload fails at
 the first bad byte: names, offsets, per-file caps, declared sizes. On any failure, cancellation
 included, the spools are removed (:meth:`Upload.discard` in the caller's ``finally``).
+
+A refusal in mid-stream is sent only after the client has finished sending (the rest is read
+and dropped, within :data:`DRAIN_MAX_BYTES` and :data:`DRAIN_MAX_S`). grpc's asyncio client
+reports ``INTERNAL: Internal error from Core`` instead of the server's status when one of its
+writes fails because the server already ended the call (grpc/grpc#36066), so without the drain
+a careless client would see an internal error for e.g. a bad adapter id, at random.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from registry_svc.names import (
 from registry_svc.settings import RegistrySettings
 
 MAX_DESCRIPTION_CHARS = 4096
+DRAIN_MAX_BYTES = 64 << 20
+DRAIN_MAX_S = 10.0
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -102,20 +110,44 @@ async def receive_upload(
     except StopAsyncIteration:
         first = None
     if first is None or not first.HasField("header"):
+        if first is not None:
+            await _drain(requests)
         raise InvalidArgument.field("header", "the first message of an upload must be its header")
     upload = Upload(header=first.header)
     try:
-        check_header(upload.header, settings)
-        declared = {f.name: f for f in upload.header.files}
-        async for req in requests:
-            if not req.HasField("chunk"):
-                raise InvalidArgument.field("header", "only the first message may be a header")
-            await _append(upload, req.chunk, declared, settings, blobs)
+        try:
+            check_header(upload.header, settings)
+            declared = {f.name: f for f in upload.header.files}
+            async for req in requests:
+                if not req.HasField("chunk"):
+                    raise InvalidArgument.field("header", "only the first message may be a header")
+                await _append(upload, req.chunk, declared, settings, blobs)
+        except InvalidArgument:
+            upload.discard()  # the spools go before the drain, not after it
+            await _drain(requests)
+            raise
         _check_complete(upload, declared)
         return upload
     except BaseException:
         upload.discard()
         raise
+
+
+async def _drain(requests: AsyncIterator[registry_pb2.PushAdapterRequest]) -> None:
+    """Read and drop the rest of a refused stream, so the refusal reaches an asyncio client.
+
+    Bounded: a client that keeps sending past :data:`DRAIN_MAX_BYTES` or :data:`DRAIN_MAX_S`
+    gets the refusal then (and may see it as an internal error; see the module docstring).
+    """
+    received = 0
+    try:
+        async with asyncio.timeout(DRAIN_MAX_S):
+            async for req in requests:
+                received += req.ByteSize()
+                if received > DRAIN_MAX_BYTES:
+                    return
+    except Exception:  # the timeout, or a broken stream: the refusal is all that is left to send
+        return
 
 
 async def _append(

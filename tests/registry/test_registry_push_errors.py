@@ -398,3 +398,24 @@ async def test_bad_push_is_refused_and_leaves_nothing(
         assert stack.spool_files() == [], f"{case.id}: spool left behind"
         assert stack.blob_files() == blobs_before, f"{case.id}: a blob was stored"
         assert stack.points_of("bad-adapter") == 0
+
+
+async def test_refusal_in_mid_stream_reaches_an_asyncio_client(stack, registry, good_adapter):
+    """A header refused while the client still streams 2,000 chunks: it gets the real status.
+
+    grpc's asyncio client turns a write that fails after the server ended the call into
+    INTERNAL (grpc/grpc#36066); the server reads the rest of the stream before refusing.
+    """
+    header = R.PushAdapterHeader(adapter_id="a..b", base_model=BASE, sample_inputs=SAMPLES)
+    chunk = b"\0" * 4096
+    requests = [R.PushAdapterRequest(header=header)] + [
+        R.PushAdapterRequest(
+            chunk=common_pb2.FileChunk(file_name=WEIGHTS, offset=i * len(chunk), data=chunk)
+        )
+        for i in range(2000)
+    ]
+    async with registry() as client:
+        for _ in range(50):
+            code, details, _err = await _send(client.registry, requests, 0)
+            assert (code, "without '..'" in details) == (INVALID, True), (code, details)
+    assert stack.spool_files() == []
