@@ -2,8 +2,10 @@
 
 The middle tier of the adapter hierarchy (disk cache -> host cache -> GPU slot, as in S-LoRA):
 an adapter evicted from its GPU slot stays here, so bringing it back is one host-to-device copy
-instead of a read and parse of safetensors. On CUDA the tensors are pinned, so that copy can be
-asynchronous (``non_blocking``) and runs at full PCIe bandwidth.
+instead of a read and parse of safetensors. :meth:`HostCache.prepare` packs an adapter into ONE
+buffer (pinned on CUDA), module by module in checkpoint order (layer, then q, k, v, o, gate,
+up, down; A then B): the slot layout of :mod:`executor_svc.model.lora_slots`, so an adapter
+at the slots' full rank goes to its GPU slot in one asynchronous host-to-device copy.
 
 Eviction is least-recently-used by ``get``/``put``. An adapter larger than the whole budget is
 not cached (the caller still gets its weights). The cache never frees tensors a GPU slot or a
@@ -28,17 +30,38 @@ def weights_nbytes(weights: AdapterWeights) -> int:
     )
 
 
-def pin_weights(weights: AdapterWeights) -> AdapterWeights:
-    """Page-locked copies of every tensor (CUDA only; a no-op elsewhere)."""
-    if not torch.cuda.is_available():
+MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def pack_weights(weights: AdapterWeights, *, pin: bool) -> AdapterWeights:
+    """The same weights as views into one buffer (page-locked if ``pin``), in slot order.
+
+    Weights of mixed dtypes are returned as they are (one buffer needs one dtype)."""
+    mods = [
+        (layer, name, weights[layer][name])
+        for layer in sorted(weights)
+        for name in sorted(weights[layer], key=_module_rank)
+    ]
+    dtypes = {t.dtype for _, _, m in mods for t in (m.a, m.b)}
+    if len(dtypes) != 1:
         return weights
-    return {
-        layer: {
-            name: LoraModuleWeights(m.a.pin_memory(), m.b.pin_memory(), m.scale)
-            for name, m in modules.items()
-        }
-        for layer, modules in weights.items()
-    }
+    total = sum(m.a.numel() + m.b.numel() for _, _, m in mods)
+    flat = torch.empty(total, dtype=dtypes.pop(), pin_memory=pin)
+    out: AdapterWeights = {}
+    off = 0
+    for layer, name, m in mods:
+        views = []
+        for t in (m.a, m.b):
+            v = flat[off : off + t.numel()].view(t.shape)
+            v.copy_(t)
+            views.append(v)
+            off += t.numel()
+        out.setdefault(layer, {})[name] = LoraModuleWeights(views[0], views[1], m.scale)
+    return out
+
+
+def _module_rank(name: str) -> tuple[int, str]:
+    return (MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER), name)
 
 
 class HostCache:
@@ -56,8 +79,8 @@ class HostCache:
         return entry[0]
 
     def prepare(self, weights: AdapterWeights) -> AdapterWeights:
-        """Pinned copies when pinning is on. Slow for big adapters: call it off the event loop."""
-        return pin_weights(weights) if self._pin else weights
+        """One packed (and, when pinning is on, pinned) copy. Call it off the event loop."""
+        return pack_weights(weights, pin=self._pin and torch.cuda.is_available())
 
     def put(self, key: Key, weights: AdapterWeights) -> None:
         """Cache ``weights`` (already :meth:`prepare`-d), evicting LRU entries over budget."""

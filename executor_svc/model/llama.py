@@ -21,6 +21,7 @@ from executor_svc.model.layers.fused_ops import silu_and_mul
 from executor_svc.model.layers.lora_linear import LoRALinear
 from executor_svc.model.layers.norm import RMSNorm
 from executor_svc.model.layers.rotary import RotaryEmbedding
+from executor_svc.model.lora_slots import LoraSite, LoraSlotStore
 
 # checkpoint module name -> (our fused module, slice name)
 FUSED = {
@@ -34,28 +35,54 @@ FUSED = {
 }
 
 
+def lora_sites(cfg: ModelConfig, layer: int) -> list[LoraSite]:
+    """The layer's LoRA-aware projections, in checkpoint order: qkv, o, gate/up, down."""
+    h, q, kv, i = (
+        cfg.hidden_size,
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+        cfg.intermediate_size,
+    )
+    return [
+        LoraSite(layer, h, ("q_proj", "k_proj", "v_proj"), (q, kv, kv)),
+        LoraSite(layer, q, ("o_proj",), (h,)),
+        LoraSite(layer, h, ("gate_proj", "up_proj"), (i, i)),
+        LoraSite(layer, i, ("down_proj",), (h,)),
+    ]
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, **lora):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rotary: RotaryEmbedding,
+        layer: int,
+        store: LoraSlotStore | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, lora["dtype"], lora["device"])
-        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, lora["dtype"], lora["device"])
-        self.qkv_proj = LoRALinear(
-            h,
-            [self.q_size, self.kv_size, self.kv_size],
-            ["q_proj", "k_proj", "v_proj"],
-            bias=cfg.qkv_bias,
-            **lora,
-        )
-        self.o_proj = LoRALinear(self.q_size, [h], ["o_proj"], bias=cfg.o_bias, **lora)
-        self.gate_up_proj = LoRALinear(
-            h, [cfg.intermediate_size] * 2, ["gate_proj", "up_proj"], bias=cfg.mlp_bias, **lora
-        )
-        self.down_proj = LoRALinear(
-            cfg.intermediate_size, [h], ["down_proj"], bias=cfg.mlp_bias, **lora
-        )
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
+        bias = (cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.mlp_bias)
+        proj = []
+        for j, site in enumerate(lora_sites(cfg, layer)):
+            views = store.views(4 * layer + j) if store is not None else None
+            proj.append(
+                LoRALinear(
+                    site.in_features,
+                    list(site.out_sizes),
+                    list(site.names),
+                    bias=bias[j],
+                    slots=views,
+                    dtype=dtype,
+                    device=device,
+                )
+            )
+        self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj = proj
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, d)
         self.rotary = rotary
 
@@ -99,14 +126,20 @@ class CausalLM(nn.Module):
         # Held by the engine during each forward; slot writes take it, so they land between
         # steps and never under a running batch.
         self.step_lock = threading.RLock()
-        lora = {"num_slots": num_slots, "max_rank": max_rank, "dtype": dtype, "device": device}
+        self.lora_store = None
+        if num_slots > 0 and max_rank > 0:
+            sites = [site for i in range(cfg.num_layers) for site in lora_sites(cfg, i)]
+            self.lora_store = LoraSlotStore(
+                sites, num_slots=num_slots, max_rank=max_rank, dtype=dtype, device=device
+            )
         self.rotary = RotaryEmbedding(cfg, max_positions).to(device)
         self.embed_tokens = nn.Embedding(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device
         )
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, self.rotary, **lora) for _ in range(cfg.num_layers)
+            DecoderLayer(cfg, self.rotary, i, self.lora_store, dtype, device)
+            for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         if cfg.tie_word_embeddings:
@@ -144,24 +177,28 @@ class CausalLM(nn.Module):
         ]
 
     def set_lora(self, slot: int, weights: AdapterWeights) -> None:
-        """Write every layer's A/B/scale/rank of ``slot``; modules absent get rank 0."""
+        """Write every layer's A/B/scale/rank of ``slot``; modules absent get rank 0.
+
+        Raises ValueError, leaving the slot untouched, for modules the model lacks, a rank
+        over ``max_rank`` or shapes that do not fit. See :mod:`executor_svc.model.lora_slots`
+        for the copies this makes."""
         self._check_slot(slot)
         unknown = {n for mods in weights.values() for n in mods} - set(FUSED)
         if unknown or any(not 0 <= i < len(self.layers) for i in weights):
             raise ValueError(f"adapter has modules/layers the model lacks: {sorted(unknown)}")
         with self.step_lock:
-            for i, module in self.lora_layers():
-                module.set_lora(slot, weights.get(i, {}))
+            self.lora_store.write(slot, weights)
 
     def reset_lora(self, slot: int) -> None:
         self._check_slot(slot)
         with self.step_lock:
-            for _, module in self.lora_layers():
-                module.reset_lora(slot)
+            self.lora_store.clear(slot)
 
     def lora_bytes_per_slot(self) -> int:
-        return sum(m.lora_bytes_per_slot() for _, m in self.lora_layers())
+        return self.lora_store.bytes_per_slot if self.lora_store is not None else 0
 
     def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.num_slots:
-            raise IndexError(f"slot {slot} outside [0, {self.num_slots})")
+        if not 0 <= slot < self.num_slots or self.lora_store is None:
+            raise IndexError(
+                f"slot {slot} outside [0, {self.num_slots}) (max_rank {self.max_rank})"
+            )

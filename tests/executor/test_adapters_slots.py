@@ -67,7 +67,7 @@ def K(name: str) -> AdapterKey:
 
 
 def slot_rank(model, slot: int) -> int:
-    return int(model.layers[0].qkv_proj.ranks[0, slot])
+    return int(model.layers[0].qkv_proj.slots.ranks[0, slot])
 
 
 async def test_acquire_loads_into_slot_and_release_keeps_it_resident(tiny_model_dir, adapter_root):
@@ -76,7 +76,7 @@ async def test_acquire_loads_into_slot_and_release_keeps_it_resident(tiny_model_
     (idx,) = lease.indices
     assert slot_rank(model, idx) == 4
     want = load_adapter(adapter_root / "a")[0]["q_proj"]
-    assert torch.equal(model.layers[0].qkv_proj.lora_a[0][idx, :4], want.a)
+    assert torch.equal(model.layers[0].qkv_proj.slots.lora_a[0][idx, :4], want.a)
     assert slots.slot_of(K("a")).refcount == 1
     lease.release()
     lease.release()  # idempotent

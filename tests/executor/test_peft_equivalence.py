@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from executor_svc.adapters.host_cache import pack_weights
 from executor_svc.model.forward import batch_logits
 from executor_svc.model.loader import load_model
 from executor_svc.model.lora_loader import load_adapter
@@ -30,6 +31,8 @@ ADAPTERS = {  # name -> write_lora_adapter kwargs
         "alpha_pattern": {"down_proj": 32, "k_proj": 2},
     },
     "r16_kv": {"rank": 16, "alpha": 4, "target_modules": ["k_proj", "v_proj", "up_proj"]},
+    # Every module at the slots' full rank: packed by the host cache, it goes in one copy.
+    "r16_all_packed": {"rank": 16, "alpha": 32},
 }
 
 
@@ -75,7 +78,7 @@ def test_adapters_equal_peft(family, tiny_model_factory, tmp_path):
     names = list(ADAPTERS)
     for slot, name in enumerate(names):
         path = write_lora_adapter(tmp_path / name, model_dir, seed=slot + 1, **ADAPTERS[name])
-        ours.set_lora(slot, load_adapter(path))
+        ours.set_lora(slot, pack_weights(load_adapter(path), pin=False))
         if slot == 0:
             peft = PeftModel.from_pretrained(_hf(model_dir), path, adapter_name=name).eval()
         else:
@@ -164,8 +167,11 @@ def test_unset_modules_and_reset(tiny_model_dir, adapter_factory):
     model.set_lora(1, load_adapter(adapter_factory("full", rank=8)))
     model.set_lora(1, load_adapter(adapter_factory("attn", rank=2, target_modules=["q_proj"])))
     qkv = model.layers[0].qkv_proj
-    assert qkv.ranks[:, 1].tolist() == [2, 0, 0] and model.layers[0].down_proj.ranks[0, 1] == 0
-    assert float(qkv.lora_a[0][1, 2:].abs().sum()) == 0.0  # rank padding zeroed
+    assert (
+        qkv.slots.ranks[:, 1].tolist() == [2, 0, 0]
+        and model.layers[0].down_proj.slots.ranks[0, 1] == 0
+    )
+    assert float(qkv.slots.lora_a[0][1, 2:].abs().sum()) == 0.0  # rank padding zeroed
     model.reset_lora(1)
     torch.testing.assert_close(batch_logits(model, [PROMPTS[1]], [[(1, 1.0)]])[0], base)
     assert model.lora_bytes_per_slot() == 4 * 8 * sum(

@@ -1,7 +1,7 @@
 """LoRA-aware linear layers: a (possibly fused) base projection plus slot-indexed adapters.
 
-The contract follows vLLM's LoRA layers: the layer owns preallocated, slot-indexed adapter
-buffers; ``set_lora(slot, ...)`` writes one slot in place, ``reset_lora(slot)`` empties it.
+The layer reads slot-indexed adapter buffers that are views into the model's
+:class:`~executor_svc.model.lora_slots.LoraSlotStore` (which writes slots: ``CausalLM.set_lora``).
 The layer never knows where weights came from (registry, host cache, fusion); the serving
 layer decides which slot holds what. Buffers are written in place, so CUDA graphs captured
 over the layer stay valid across slot changes.
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from executor_svc.engine.types import LoraModuleWeights
 from executor_svc.model.layers.lora_ops import apply_lora
+from executor_svc.model.lora_slots import SiteViews
 from kernels import LoraBatchMeta
 
 
@@ -31,8 +31,7 @@ class LoRALinear(nn.Module):
         names: list[str],
         *,
         bias: bool,
-        num_slots: int,
-        max_rank: int,
+        slots: SiteViews | None,
         dtype: torch.dtype,
         device: torch.device,
     ):
@@ -46,16 +45,7 @@ class LoRALinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.zeros(sum(out_sizes), **kw), requires_grad=False) if bias else None
         )
-        self.num_slots, self.max_rank = num_slots, max_rank
-        self.has_lora = num_slots > 0 and max_rank > 0
-        n = len(out_sizes)
-        if self.has_lora:
-            # One tensor for all A slices: the kernels want equal shapes and strides.
-            self.lora_a_all = torch.zeros(n, num_slots, max_rank, in_features, **kw)
-            self.lora_a = list(self.lora_a_all.unbind(0))
-            self.lora_b = [torch.zeros(num_slots, o, max_rank, **kw) for o in out_sizes]
-            self.ranks = torch.zeros(n, num_slots, dtype=torch.int32, device=device)
-            self.scales = torch.zeros(n, num_slots, dtype=torch.float32, device=device)
+        self.slots = slots
 
     def load_slice(self, name: str, tensor: torch.Tensor, kind: str = "weight") -> None:
         """Copy a checkpoint tensor (e.g. ``k_proj.weight``) into its rows of the fused param."""
@@ -66,43 +56,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{name}: checkpoint has a bias the config does not declare")
         target.data[rows].copy_(tensor)
 
-    def set_lora(self, slot: int, modules: dict[str, LoraModuleWeights]) -> None:
-        """Write ``slot`` from this layer's entries of AdapterWeights (absent slice = rank 0)."""
-        for s, name in enumerate(self.names):
-            mw = modules.get(name)
-            a, b = self.lora_a[s][slot], self.lora_b[s][slot]
-            if mw is None:
-                a.zero_()
-                b.zero_()
-                self.ranks[s, slot] = 0
-                self.scales[s, slot] = 0.0
-                continue
-            r = mw.a.shape[0]
-            if r > self.max_rank:
-                raise ValueError(f"{name}: rank {r} exceeds max_lora_rank {self.max_rank}")
-            if mw.a.shape != (r, self.in_features) or mw.b.shape != (self.out_sizes[s], r):
-                raise ValueError(
-                    f"{name}: A {tuple(mw.a.shape)} / B {tuple(mw.b.shape)} do not "
-                    f"fit [r, {self.in_features}] / [{self.out_sizes[s]}, r]"
-                )
-            a[:r].copy_(mw.a, non_blocking=True)
-            a[r:].zero_()
-            b[:, :r].copy_(mw.b, non_blocking=True)
-            b[:, r:].zero_()
-            self.ranks[s, slot] = r
-            self.scales[s, slot] = float(mw.scale)
-
-    def reset_lora(self, slot: int) -> None:
-        self.set_lora(slot, {})
-
-    def lora_bytes_per_slot(self) -> int:
-        if not self.has_lora:
-            return 0
-        el = self.lora_a_all.element_size()
-        return el * self.max_rank * (len(self.names) * self.in_features + sum(self.out_sizes))
-
     def forward(self, x: torch.Tensor, lora: LoraBatchMeta | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if lora is not None and self.has_lora:
-            apply_lora(y, x, self.lora_a, self.lora_b, self.ranks, self.scales, lora)
+        v = self.slots
+        if lora is not None and v is not None:
+            apply_lora(y, x, v.lora_a, v.lora_b, v.ranks, v.scales, lora)
         return y
