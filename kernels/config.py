@@ -67,3 +67,10 @@ def block_m_for(num_tokens: int, device: torch.device | str) -> int:
         if num_tokens <= max_tokens:
             return int(bm)
     return int(table[-1][1])
+
+
+def token_buckets(device: torch.device | str) -> list[int]:
+    """Token counts at which the launch parameters change (each a different compiled kernel)."""
+    cfg = load_config(gpu_config_name(device))
+    found = {e["max_tokens"] for op in ("shrink", "expand") for e in cfg[op]}
+    return sorted(found | {int(t) for t, _ in cfg["block_m"]})

@@ -39,7 +39,9 @@ from kernels.config import kernel_config
 from kernels.metadata import LoraBatchMeta
 
 
-@triton.jit
+# tile_offset (where a column-mode pass starts in the tile list) changes from call to call;
+# specialised on its value (== 1, multiple of 16) it would compile new variants mid-serving.
+@triton.jit(do_not_specialize=["tile_offset"])
 def _lora_expand_kernel(
     y_ptr,
     h_ptr,

@@ -26,6 +26,7 @@ from executor_svc.engine.sequence import Sequence
 from executor_svc.model.context import PrefillChunk, StepContext
 from executor_svc.model.llama import CausalLM
 from kernels import LoraBatchMeta, build_lora_meta
+from kernels.config import token_buckets
 from kernels.metadata import MAX_K
 
 GRAPH_META_MODE = "plan"  # fixed for capture and replay: buffer shapes must not change
@@ -197,6 +198,36 @@ class ModelRunner:
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def warm_up_lora(self, max_tokens: int) -> int:
+        """Compile the LoRA kernels eager (prefill and mixed) steps launch, before serving.
+
+        Triton compiles a kernel variant per launch configuration (token bucket), adapters per
+        token (1-4) and metadata mode; left to the first requests, the compiles land in their
+        time to first token (seen on a fresh H100: 8.6 s TTFT p50). Runs each LoRA projection
+        of layer 0 once per variant, on zeros. Returns the number of projection calls (0 off
+        CUDA, where the torch path needs no compiling)."""
+        if self.device.type != "cuda" or not (self.model.num_slots and self.model.max_rank):
+            return 0
+        layer, calls = self.model.layers[0], 0
+        projections = (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+        sizes = sorted({t for t in token_buckets(self.device) if t < max_tokens} | {max_tokens})
+        for t in sizes:
+            for k in range(1, min(MAX_K, self.model.num_slots) + 1):
+                slots = (torch.arange(t * k) % self.model.num_slots).view(t, k).int()
+                weights = torch.full((t, k), 1.0 / k)
+                for mode in ("plan", "column") if k > 1 else ("plan",):
+                    meta = build_lora_meta(
+                        slots, weights, self.model.num_slots, self.device, mode=mode
+                    )
+                    for proj in projections:
+                        x = torch.zeros(
+                            t, proj.in_features, dtype=self.model.dtype, device=self.device
+                        )
+                        proj(x, meta)
+                        calls += 1
+        torch.cuda.synchronize()
+        return calls
 
     # -- CUDA graphs for decode steps ----------------------------------------------------------
 

@@ -52,6 +52,20 @@ def setup(tmp_path_factory):
     return model_dir, adapters
 
 
+def _compiled_lora_kernels() -> tuple[int, int]:
+    """Variants Triton has compiled so far of the shrink and the expand kernel."""
+    from kernels.lora_expand_op import _lora_expand_kernel
+    from kernels.lora_shrink_op import _lora_shrink_kernel
+
+    def count(kernel) -> int:
+        caches = getattr(kernel, "device_caches", None)
+        if caches is not None:
+            return sum(len(c[0]) for c in caches.values())
+        return sum(len(c) for c in kernel.cache.values())
+
+    return count(_lora_shrink_kernel), count(_lora_expand_kernel)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -127,6 +141,7 @@ def test_graph_decode_mixed_batch(setup):
             cuda_graph_batch_sizes=[1, 4, 8],
         )
         await engine.start()
+        compiled = _compiled_lora_kernels()
         # per batch size: no adapter, then K=1 and K=4 for each tile pad
         assert len(engine.runner.graphs) == sum(1 + 2 * len(tile_pads(b)) for b in (1, 4, 8))
         for slot, path in enumerate(adapters):
@@ -147,6 +162,9 @@ def test_graph_decode_mixed_batch(setup):
             outs = await asyncio.gather(*(one(i, plans) for i in range(8)))
             st = engine.stats()
             assert st.kv_blocks_free == st.kv_blocks_total
+            # Warm-up compiled every LoRA kernel variant serving used (prefill with 1-3
+            # adapters per token, decode graphs): nothing compiled while serving.
+            assert _compiled_lora_kernels() == compiled
             seqs = [PROMPTS[i % 3] + outs[i] for i in range(8)]
             results.append((plans, outs, batch_logits(engine.model, seqs, plans)))
         await engine.stop()
