@@ -2,12 +2,14 @@
 
 Prints one JSON line per case (and the device), never asserts on time. Cases, at batch 32
 and 64, prompt 128, 128 new tokens (ignore_eos): our engine with no adapter, one adapter,
-8 and 64 distinct rank-16 adapters (all 7 projections; 64 slots filled); transformers + PEFT
+8 and 64 distinct rank-16 adapters (all 7 projections; 64 slots filled); at batch 64, 64
+distinct adapters out of 1,000 registered, loaded from disk through the serving layer's adapter
+path, cold and warm (bench/engine_pool.py); transformers + PEFT
 with the base model, one merged adapter and a mixed batch over 8 adapters
 (``adapter_names=``). The memory roofline of a decode step is the bytes of weights and KV read
 per step over the D2D copy bandwidth measured in the same run (read + write counted).
 
-    python bench/engine_bench.py [--batches 32 64] [--peft-new-tokens 32] [--skip-peft]
+    python bench/engine_bench.py [--batches 32 64] [--peft-new-tokens 32] [--skip-peft] [--pool 0]
                                  [--compare-single-grid] [--compare-send-order]
 """
 
@@ -17,12 +19,15 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine_pool import pool_case  # noqa: E402
 
 from executor_svc.engine import Engine, EngineRequest, SamplingOptions  # noqa: E402
 from executor_svc.engine.types import LoraModuleWeights  # noqa: E402
@@ -87,7 +92,9 @@ def random_adapter(model, gen) -> dict:
     return out
 
 
-async def run_case(engine: Engine, batch: int, plans, prompts) -> dict:
+async def run_case(engine: Engine, batch: int, plans, prompts, *, t0: float | None = None) -> dict:
+    """Time ``batch`` requests; ``plans`` is a list, or an async function of the request index
+    (the request waits for it: e.g. a slot lease whose adapter loads from disk)."""
     first: list[float] = []
     done_tokens_after: list[tuple[float, int]] = []
 
@@ -95,7 +102,7 @@ async def run_case(engine: Engine, batch: int, plans, prompts) -> dict:
         r = EngineRequest(
             f"b{batch}-{i}-{time.monotonic_ns()}",
             "",
-            plans[i],
+            await plans(i) if callable(plans) else plans[i],
             SamplingOptions(max_tokens=NEW, ignore_eos=True),
             prompt_token_ids=prompts[i],
         )
@@ -107,7 +114,7 @@ async def run_case(engine: Engine, batch: int, plans, prompts) -> dict:
             done_tokens_after.append((time.perf_counter(), len(ev.token_ids)))
         return n
 
-    t0 = time.perf_counter()
+    t0 = t0 or time.perf_counter()
     counts = await asyncio.gather(*(one(i) for i in range(batch)))
     t1 = time.perf_counter()
     t_all_started = max(first)
@@ -179,6 +186,7 @@ async def ours(args, bw: float) -> None:
         ]
     if args.compare_send_order:  # tokens sent to the event loop before the next step's launch
         runs += [(f"{name}_send_first", cases[name], "send_first") for name in cases]
+    bases = {}
     for batch in args.batches:
         base = None
         for name, plan, variant in runs:
@@ -192,7 +200,7 @@ async def ours(args, bw: float) -> None:
             engine.runner.tile_pads = saved
             engine.send_after_launch = True
             roof = batch / (decode_step_bytes(engine.model, batch, PROMPT + NEW / 2) / bw)
-            base = base or r["tok_s"]
+            base = bases[batch] = base or r["tok_s"]
             emit(
                 engine="loraserve",
                 case=name,
@@ -205,6 +213,16 @@ async def ours(args, bw: float) -> None:
                 roofline_fraction=round(r["decode_tok_s"] / roof, 3),
                 vs_no_adapter=round(r["tok_s"] / base, 3),
                 distinct_adapters=len({tuple(plan(i)) for i in range(batch)}),
+            )
+    if args.pool and 64 in args.batches:
+        with tempfile.TemporaryDirectory(prefix="engine-pool-") as root:
+            rows = await pool_case(engine, 64, prompts, run_case, root=Path(root), args=args)
+        for row in rows:
+            emit(
+                engine="loraserve",
+                batch=64,
+                **{k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()},
+                vs_no_adapter=round(row["tok_s"] / bases[64], 3),
             )
     emit(
         case="engine_stats",
@@ -296,6 +314,9 @@ def main() -> None:
     p.add_argument("--graph-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 48, 64])
     p.add_argument("--peft-new-tokens", type=int, default=32)
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--pool", type=int, default=1000, help="registered adapters; 0 = no pool case")
+    p.add_argument("--pool-files", type=int, default=8, help="distinct weight files in the pool")
+    p.add_argument("--pool-host-cache-gib", type=int, default=16)
     p.add_argument(
         "--compare-single-grid",
         action="store_true",
