@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -121,3 +122,38 @@ def record_model(common: CommonSettings, collection: str, entry: dict[str, Any])
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
     tmp.replace(path)
+
+
+def retire_old_collections(common: CommonSettings, client, active: str, keep: int) -> list[str]:
+    """Delete collections switched away from more than ``keep`` switches ago, with their models.
+
+    Only collections ``models/index.json`` knows as once active (an entry, or an entry's
+    ``previous``) are candidates, so a collection a concurrent job is still building is never
+    touched; the active one and the ``keep`` before it (for rollback) stay. A retired trained
+    model's directory goes too when it lies under ``data_dir/models`` (never the shipped default).
+    Returns the deleted collection names.
+    """
+    path = models_dir(common) / "index.json"
+    index = json.loads(path.read_text()) if path.is_file() else {}
+    kept, name = {active}, active
+    for _ in range(keep):
+        name = (index.get(name) or {}).get("previous")
+        if not name:
+            break
+        kept.add(name)
+    known = set(index) | {e.get("previous") for e in index.values() if e.get("previous")}
+    retired = []
+    for name in sorted(known - kept):
+        exists, entry = client.collection_exists(name), index.pop(name, None)
+        if exists:
+            client.delete_collection(name)
+        model_dir = Path((entry or {}).get("model_dir") or "")
+        if model_dir.parts and model_dir.resolve().is_relative_to(models_dir(common).resolve()):
+            shutil.rmtree(model_dir, ignore_errors=True)
+        if exists or entry is not None:
+            retired.append(name)
+    if retired:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
+        tmp.replace(path)
+    return retired

@@ -81,6 +81,12 @@ class RetrieverSettings(BaseSettings):
     train_holdout_fraction: float = 0.2
     train_max_seq_length: int = 128
     train_max_steps: int = Field(0, description="Cap on optimizer steps; 0 = none.")
+    train_keep_previous: int = Field(
+        1,
+        ge=0,
+        description="Collections kept for rollback after a switch (the ones before the "
+        "active); older ones and their trained models are deleted.",
+    )
     # The same-domain term pulls adapters that share a domain together (adapters' domain
     # field; finetune.py). Chosen by the job's own out-of-distribution held-out figure (pool
     # samples only, 48-task pool, split seed 0; docs/benchmarks.md): WITH_OWN at weight

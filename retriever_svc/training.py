@@ -15,6 +15,8 @@ TrainRetrieverRequest fields). The steps, each reported through ``registry_svc.j
        (reembed.py), reconcile it with adapters that changed meanwhile
     5. move the alias ``adapters_active`` (atomic), reconcile once more, record the model in
        data_dir/models/index.json; the retriever follows the alias on its next request
+    6. delete collections (and trained models) switched away from more than
+       ``train_keep_previous`` switches ago (active_model.retire_old_collections)
 
 Nothing half-written on failure: the new collection and model directory are removed.
 """
@@ -38,7 +40,12 @@ from loraserve.settings import CommonSettings
 from registry_svc.db import open_database
 from registry_svc.jobs import FAILED, RUNNING, SUCCEEDED, TERMINAL_STATES, get_job, update_job
 from retriever_svc import reembed
-from retriever_svc.active_model import model_dir_for_collection, models_dir, record_model
+from retriever_svc.active_model import (
+    model_dir_for_collection,
+    models_dir,
+    record_model,
+    retire_old_collections,
+)
 from retriever_svc.finetune import DomainTerm, FineTuneConfig, fine_tune
 from retriever_svc.heldout import accuracy, split_samples
 from retriever_svc.settings import RetrieverSettings
@@ -211,12 +218,21 @@ def _train(
             "metrics": metrics,
         },
     )
+    try:  # best effort: the switch has happened, a leftover collection is only disk
+        retired = retire_old_collections(
+            common, client, new_collection, settings.train_keep_previous
+        )
+    except Exception:  # noqa: BLE001
+        log.warning("train_retriever: could not retire old collections", exc_info=True)
+        retired = []
     report(
         state=SUCCEEDED,
         progress=1.0,
         result=new_collection,
         message=f"switched to {new_collection} (held-out top-1 {before['top1']:.3f} -> "
-        f"{after['top1']:.3f}; {added} added, {removed} removed after the switch)",
+        f"{after['top1']:.3f}; {added} added, {removed} removed after the switch"
+        + (f"; retired {', '.join(retired)}" if retired else "")
+        + ")",
     )
     return new_collection
 

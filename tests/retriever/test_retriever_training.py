@@ -158,3 +158,33 @@ def test_heldout_reports_out_of_distribution_same_domain_top1() -> None:
     assert got["ood_top1"] == pytest.approx(1 / 2)
     assert "ood_top1" not in accuracy(_FakeEmbedder(), split, ks=(1,))
     assert math.isnan(accuracy(_FakeEmbedder(), split, domains={})["ood_top1"])
+
+
+def test_old_collections_are_retired_after_a_switch(tmp_path) -> None:
+    """Collections switched away from more than ``keep`` switches ago go, with their trained
+    models; the active one, the rollback one and one a concurrent job is building stay."""
+    from qdrant_client import QdrantClient, models
+
+    from retriever_svc.active_model import models_dir, record_model, retire_old_collections
+
+    common = CommonSettings(data_dir=tmp_path)
+    client = QdrantClient(":memory:")
+    names = [f"adapters__m{i}" for i in range(4)] + ["adapters__building"]
+    for name in names:
+        client.create_collection(
+            name, vectors_config=models.VectorParams(size=4, distance="Cosine")
+        )
+    dirs = {}
+    for i in (1, 2, 3):
+        dirs[i] = models_dir(common) / f"m{i}"
+        dirs[i].mkdir(parents=True)
+        record_model(common, names[i], {"model_dir": str(dirs[i]), "previous": names[i - 1]})
+    V.set_active_collection(client, names[3])
+
+    assert retire_old_collections(common, client, names[3], keep=1) == names[:2]
+    left = {c.name for c in client.get_collections().collections}
+    assert left == {names[2], names[3], "adapters__building"}
+    assert not dirs[1].exists() and dirs[2].exists() and dirs[3].exists()
+    assert retire_old_collections(common, client, names[3], keep=1) == []  # idempotent
+    assert retire_old_collections(common, client, names[3], keep=0) == [names[2]]
+    assert V.active_collection(client) == names[3]
