@@ -140,7 +140,8 @@ class Engine:
             max_model_len=self.max_model_len,
             graph_batch_sizes=sizes,
         )
-        self.runner.warm_up_lora(self.max_num_batched_tokens)
+        if self.device.type == "cuda":
+            self.runner.warm_up_lora(self.max_num_batched_tokens)
         self._model = model
 
     async def stop(self) -> None:

@@ -205,9 +205,9 @@ class ModelRunner:
         Triton compiles a kernel variant per launch configuration (token bucket), adapters per
         token (1-4) and metadata mode; left to the first requests, the compiles land in their
         time to first token (seen on a fresh H100: 8.6 s TTFT p50). Runs each LoRA projection
-        of layer 0 once per variant, on zeros. Returns the number of projection calls (0 off
-        CUDA, where the torch path needs no compiling)."""
-        if self.device.type != "cuda" or not (self.model.num_slots and self.model.max_rank):
+        of layer 0 once per variant, on zeros. Returns the number of projection calls. (The
+        engine calls it on CUDA only: the CPU's torch path compiles nothing.)"""
+        if not (self.model.num_slots and self.model.max_rank):
             return 0
         layer, calls = self.model.layers[0], 0
         projections = (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
@@ -226,7 +226,8 @@ class ModelRunner:
                         )
                         proj(x, meta)
                         calls += 1
-        torch.cuda.synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         return calls
 
     # -- CUDA graphs for decode steps ----------------------------------------------------------

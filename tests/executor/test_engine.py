@@ -231,3 +231,18 @@ def test_abort_between_schedule_and_step_keeps_the_step_consistent(tiny_model_di
     tokens = runner.execute(batch)
     assert len(tokens) == 3
     assert engine.blocks.num_free == engine.blocks.num_usable - len(seqs[2].block_table)
+
+
+def test_lora_warm_up_covers_each_bucket_and_adapter_count(tiny_model_dir):
+    """The start-up warm-up (run on CUDA, where Triton compiles per variant; its GPU test checks
+    that serving then compiles nothing) visits every token bucket up to the step budget, 1-4
+    adapters per token, both metadata modes above one adapter, the 4 projections each."""
+    from kernels.config import token_buckets
+
+    engine = Engine(tiny_model_dir, num_lora_slots=4, max_lora_rank=8, max_num_seqs=8)
+    engine._load()
+    sizes = [t for t in token_buckets("cpu") if t < 100] + [100]
+    assert engine.runner.warm_up_lora(100) == len(sizes) * (1 + 2 + 2 + 2) * 4
+    no_slots = Engine(tiny_model_dir, num_lora_slots=0, max_lora_rank=8, max_num_seqs=8)
+    no_slots._load()
+    assert no_slots.runner.warm_up_lora(100) == 0
