@@ -119,6 +119,11 @@ def record_model(common: CommonSettings, collection: str, entry: dict[str, Any])
     path.parent.mkdir(parents=True, exist_ok=True)
     index = json.loads(path.read_text()) if path.is_file() else {}
     index[collection] = {**entry, "recorded_at": time.time()}
+    _write_index(path, index)
+
+
+def _write_index(path: Path, index: dict[str, Any]) -> None:
+    """Replace ``models/index.json`` atomically."""
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
     tmp.replace(path)
@@ -153,7 +158,5 @@ def retire_old_collections(common: CommonSettings, client, active: str, keep: in
         if exists or entry is not None:
             retired.append(name)
     if retired:
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
-        tmp.replace(path)
+        _write_index(path, index)
     return retired

@@ -20,6 +20,7 @@ import torch
 
 from executor_svc.adapters.refs import Key
 from executor_svc.engine.types import AdapterWeights, LoraModuleWeights
+from executor_svc.model.lora_slots import MODULE_ORDER
 
 
 def weights_nbytes(weights: AdapterWeights) -> int:
@@ -28,9 +29,6 @@ def weights_nbytes(weights: AdapterWeights) -> int:
         for modules in weights.values()
         for m in modules.values()
     )
-
-
-MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def pack_weights(weights: AdapterWeights, *, pin: bool) -> AdapterWeights:

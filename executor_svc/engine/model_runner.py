@@ -213,6 +213,10 @@ class ModelRunner:
         projections = (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
         sizes = sorted({t for t in token_buckets(self.device) if t < max_tokens} | {max_tokens})
         for t in sizes:
+            xs = [
+                torch.zeros(t, p.in_features, dtype=self.model.dtype, device=self.device)
+                for p in projections
+            ]
             for k in range(1, min(MAX_K, self.model.num_slots) + 1):
                 slots = (torch.arange(t * k) % self.model.num_slots).view(t, k).int()
                 weights = torch.full((t, k), 1.0 / k)
@@ -220,10 +224,7 @@ class ModelRunner:
                     meta = build_lora_meta(
                         slots, weights, self.model.num_slots, self.device, mode=mode
                     )
-                    for proj in projections:
-                        x = torch.zeros(
-                            t, proj.in_features, dtype=self.model.dtype, device=self.device
-                        )
+                    for proj, x in zip(projections, xs, strict=True):
                         proj(x, meta)
                         calls += 1
         if self.device.type == "cuda":

@@ -36,6 +36,8 @@ import torch
 from executor_svc.engine.types import AdapterWeights, LoraModuleWeights
 
 MAX_SLICES = 3
+# Checkpoint module names in slot-layout order (within a layer); the host cache packs by it.
+MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +151,9 @@ class LoraSlotStore:
             for name, mw in mods.items():
                 key = where.get((layer, name))
                 if key is None:
-                    raise ValueError(f"adapter has a module the model lacks: layer {layer} {name}")
+                    raise ValueError(
+                        f"adapter has modules/layers the model lacks: layer {layer} {name}"
+                    )
                 site = self.sites[key[0]]
                 r, out = mw.a.shape[0], site.out_sizes[key[1]]
                 if r > self.max_rank:
