@@ -10,7 +10,8 @@ with the base model, one merged adapter and a mixed batch over 8 adapters
 per step over the D2D copy bandwidth measured in the same run (read + write counted).
 
     python bench/engine_bench.py [--batches 32 64] [--peft-new-tokens 32] [--skip-peft] [--pool 0]
-                                 [--compare-single-grid] [--compare-send-order]
+                                 [--cases no_adapter ...] [--compare-single-grid]
+                                 [--compare-send-order]
 """
 
 from __future__ import annotations
@@ -114,8 +115,24 @@ async def run_case(engine: Engine, batch: int, plans, prompts, *, t0: float | No
             done_tokens_after.append((time.perf_counter(), len(ev.token_ids)))
         return n
 
+    steps = {"eager": [0, 0.0], "graph": [0, 0.0]}
+    execute = engine.runner.execute
+
+    def timed(batch_, **kw):  # time spent in the runner per step kind
+        t = time.perf_counter()
+        try:
+            return execute(batch_, **kw)
+        finally:
+            kind = steps["graph" if all(n == 1 for _, n in batch_.entries) else "eager"]
+            kind[0] += 1
+            kind[1] += time.perf_counter() - t
+
+    engine.runner.execute = timed
     t0 = t0 or time.perf_counter()
-    counts = await asyncio.gather(*(one(i) for i in range(batch)))
+    try:
+        counts = await asyncio.gather(*(one(i) for i in range(batch)))
+    finally:
+        engine.runner.execute = execute
     t1 = time.perf_counter()
     t_all_started = max(first)
     decode_tokens = sum(n for t, n in done_tokens_after if t > t_all_started)
@@ -124,6 +141,12 @@ async def run_case(engine: Engine, batch: int, plans, prompts, *, t0: float | No
         "seconds": t1 - t0,
         "tok_s": sum(counts) / (t1 - t0),
         "decode_tok_s": decode_tokens / (t1 - t_all_started),
+        "until_all_started_s": round(t_all_started - t0, 3),
+        # steps with prefill tokens (eager) and pure decode steps: count, seconds in the runner
+        "eager_steps": steps["eager"][0],
+        "eager_s": round(steps["eager"][1], 3),
+        "decode_steps": steps["graph"][0],
+        "decode_s": round(steps["graph"][1], 3),
     }
 
 
@@ -178,7 +201,7 @@ async def ours(args, bw: float) -> None:
     # The previous decode-graph layout, for comparison in the same run: one graph per batch
     # size and LoRA mode, its tile grid padded to the batch size.
     single_grid = {b: [b] for b in engine.runner.tile_pads}
-    runs = [(name, plan, None) for name, plan in cases.items()]
+    runs = [(name, plan, None) for name, plan in cases.items() if name in (args.cases or cases)]
     if args.compare_single_grid:
         runs += [
             (f"{name}_single_grid", cases[name], single_grid)
@@ -213,6 +236,7 @@ async def ours(args, bw: float) -> None:
                 roofline_fraction=round(r["decode_tok_s"] / roof, 3),
                 vs_no_adapter=round(r["tok_s"] / base, 3),
                 distinct_adapters=len({tuple(plan(i)) for i in range(batch)}),
+                **{k: v for k, v in r.items() if k.endswith(("_s", "_steps")) and "tok_s" not in k},
             )
     if args.pool and 64 in args.batches:
         with tempfile.TemporaryDirectory(prefix="engine-pool-") as root:
@@ -222,7 +246,7 @@ async def ours(args, bw: float) -> None:
                 engine="loraserve",
                 batch=64,
                 **{k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()},
-                vs_no_adapter=round(row["tok_s"] / bases[64], 3),
+                **({"vs_no_adapter": round(row["tok_s"] / bases[64], 3)} if "tok_s" in row else {}),
             )
     emit(
         case="engine_stats",
@@ -314,6 +338,7 @@ def main() -> None:
     p.add_argument("--graph-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 48, 64])
     p.add_argument("--peft-new-tokens", type=int, default=32)
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--cases", nargs="+", help="run only these cases (default: all)")
     p.add_argument("--pool", type=int, default=1000, help="registered adapters; 0 = no pool case")
     p.add_argument("--pool-files", type=int, default=8, help="distinct weight files in the pool")
     p.add_argument("--pool-host-cache-gib", type=int, default=16)

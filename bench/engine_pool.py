@@ -90,6 +90,7 @@ async def pool_case(engine, batch: int, prompts, run_case, *, root: Path, args) 
         model, store, model.num_slots, slot_bytes=model.lora_bytes_per_slot(), wait_timeout_s=600
     )
     chosen = random.Random(0).sample(range(args.pool), batch)
+    spent = _time_stages(model, store)
     rows = []
     for phase in ("cold", "warm"):
         loads0 = slots.loads
@@ -111,10 +112,34 @@ async def pool_case(engine, batch: int, prompts, run_case, *, root: Path, args) 
                 "pool_written_s": round(written_s, 1),
                 "swap_ins": slots.loads - loads0,
                 **r,
+                # summed over the loads (they overlap): parse, pack + pin, slot write (with
+                # its wait for the step lock)
+                **{f"{k}_s_sum": round(v, 2) for k, v in spent.items()},
             }
         )
+        spent.update(dict.fromkeys(spent, 0.0))
     rows.append(swap_cost(model, store, AdapterKey(f"p{chosen[0]}", 1)))
     return rows
+
+
+def _time_stages(model, store: AdapterStore) -> dict[str, float]:
+    """Wrap the adapter path's three stages to sum their wall time (bench instrumentation)."""
+    spent = {"parse": 0.0, "pack": 0.0, "set_lora": 0.0}
+
+    def timed(name, fn):
+        def run(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t
+
+        return run
+
+    store._load_fn = timed("parse", store._load_fn)
+    store.host_cache.prepare = timed("pack", store.host_cache.prepare)
+    model.set_lora = timed("set_lora", model.set_lora)
+    return spent
 
 
 def swap_cost(model, store: AdapterStore, key: AdapterKey, reps: int = 10) -> dict:

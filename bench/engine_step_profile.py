@@ -6,7 +6,11 @@ Prints JSON lines, never asserts on time:
   the grid padded to the batch;
 - ``host_meta``: host time of building and staging a step's LoRA metadata;
 - ``projection``: each projection family of a layer at T tokens (qkv 3 slices, o, gate/up 2
-  slices, down), CUDA graphs: the base GEMM alone and the marginal cost of add_lora on it.
+  slices, down), CUDA graphs: the base GEMM alone and the marginal cost of add_lora on it;
+- ``prefill``: one eager prefill step (16 prompts of 128 tokens: the engine benchmark's
+  2,048-token chunk budget), GPU time and host time to queue it, per case; ``prefill_calls``:
+  the host cost of one eager add_lora call, and ``prefill_cprofile`` the functions that
+  spend the host time of the 8-adapter step.
 
 Compare ``graph_replay`` with the engine benchmark's decode tokens/s to see the host's share
 of a step.
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -31,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine_bench import llama7b_config, random_adapter  # noqa: E402
 from executor_svc.engine import Engine  # noqa: E402
-from kernels import build_lora_meta  # noqa: E402
+from executor_svc.model.context import PrefillChunk, StepContext  # noqa: E402
+from kernels import add_lora, build_lora_meta  # noqa: E402
 from kernels._bench import graph_ms  # noqa: E402
+from kernels.lora_shrink_op import lora_shrink  # noqa: E402
 
 
 def emit(**row) -> None:
@@ -79,7 +87,7 @@ def profile_graphs(engine: Engine, batches: list[int]) -> None:
                     mode="plan",
                 )
                 g = runner.graphs[(b, 1, host.grid_tiles)]
-                runner._stager.copy(g.meta, host)
+                runner.send_meta(g, host)
                 emit(
                     bench="graph_replay",
                     batch=b,
@@ -106,7 +114,7 @@ def profile_host(engine: Engine, batches: list[int]) -> None:
                 pad_tiles_to=[b],
                 mode="plan",
             )
-            runner._stager.copy(g.meta, host)
+            runner.send_meta(g, host)
         torch.cuda.synchronize()
         emit(bench="host_meta", batch=b, us=round((time.perf_counter() - t) / 200 * 1e6, 1))
 
@@ -138,9 +146,93 @@ def profile_projections(engine: Engine, batches: list[int]) -> None:
                 )
 
 
+def prefill_ctx(engine: Engine, prompts: int, length: int, case: str) -> StepContext:
+    """A first-chunk prefill step of ``prompts`` prompts of ``length`` tokens (no history)."""
+    t = prompts * length
+    dev = engine.model.device
+    ctx = StepContext(
+        positions=torch.arange(length, device=dev).repeat(prompts),
+        slot_mapping=engine.runner.block_size + torch.arange(t, device=dev),
+        prefills=[PrefillChunk(start=i * length, length=length) for i in range(prompts)],
+        block_size=engine.runner.block_size,
+    )
+    if case != "no_adapter":
+        slots, weights = plans_for(case, prompts)
+        ctx.lora = build_lora_meta(
+            torch.from_numpy(np.repeat(slots, length, axis=0)),
+            torch.from_numpy(np.repeat(weights, length, axis=0)),
+            engine.model.num_slots,
+            dev,
+        )
+    return ctx
+
+
+def profile_prefill(engine: Engine, prompts: int = 16, length: int = 128) -> None:
+    model, kv = engine.model, engine.runner.kv_caches
+    ids = torch.randint(3, 32000, (prompts * length,), device="cuda")
+    for case in ("no_adapter", "one_adapter", "8_distinct"):
+        ctx = prefill_ctx(engine, prompts, length, case)
+        gpu, host = [], []
+        for i in range(8):
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t = time.perf_counter()
+            a.record()
+            model(ids, ctx, kv)
+            b.record()
+            queued = time.perf_counter() - t
+            b.synchronize()
+            if i >= 2:
+                gpu.append(a.elapsed_time(b))
+                host.append(queued * 1e3)
+        emit(
+            bench="prefill",
+            tokens=prompts * length,
+            case=case,
+            gpu_ms=round(statistics.median(gpu), 2),
+            host_queue_ms=round(statistics.median(host), 2),
+        )
+    ctx = prefill_ctx(engine, prompts, length, "8_distinct")
+    layer = model.layers[0]
+    x = torch.randn(prompts * length, 4096, device="cuda", dtype=torch.bfloat16)
+    v = layer.qkv_proj.slots
+    y = layer.qkv_proj(x, None)
+    for what, fn in (
+        ("add_lora_qkv", lambda: add_lora(y, x, v.lora_a, v.lora_b, v.ranks, v.scales, ctx.lora)),
+        ("lora_shrink_qkv", lambda: lora_shrink(x, v.lora_a, v.ranks, ctx.lora)),
+        ("linear_qkv", lambda: layer.qkv_proj(x, None)),
+    ):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            fn()
+        queued = (time.perf_counter() - t) / 20
+        torch.cuda.synchronize()
+        emit(bench="prefill_calls", op=what, host_us=round(queued * 1e6, 1))
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(3):
+        model(ids, ctx, kv)
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv_: -kv_[1][2])[:15]
+    for (file, line, fn), (_cc, nc, tt, ct, _) in rows:
+        emit(
+            bench="prefill_cprofile",
+            fn=f"{Path(file).name}:{line}:{fn}",
+            calls=nc // 3,
+            tottime_ms=round(tt / 3 * 1e3, 2),
+            cumtime_ms=round(ct / 3 * 1e3, 2),
+        )
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--only", nargs="+", default=["graphs", "host", "projections", "prefill"])
     args = ap.parse_args()
     engine = Engine(
         None,
@@ -164,9 +256,14 @@ async def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     for slot in range(8):
         engine.model.set_lora(slot, random_adapter(engine.model, gen))
-    profile_graphs(engine, args.batches)
-    profile_host(engine, args.batches)
-    profile_projections(engine, args.batches)
+    for part, fn in (
+        ("graphs", profile_graphs),
+        ("host", profile_host),
+        ("projections", profile_projections),
+        ("prefill", lambda e, _b: profile_prefill(e)),
+    ):
+        if part in args.only:
+            fn(engine, args.batches)
     await engine.stop()
 
 

@@ -35,13 +35,17 @@ from kernels._common import (
     rank_chunk,
     slice_groups,
 )
+from kernels._launch import Launcher
 from kernels.config import kernel_config
 from kernels.metadata import LoraBatchMeta
 
+# tile_offset (where a column-mode pass starts in the tile list) and h's strides change with
+# the step; specialised on their values (== 1, multiple of 16) they would compile new variants
+# while serving.
+_UNSPECIALIZED = ("tile_offset", "stride_hsp", "stride_hs")
 
-# tile_offset (where a column-mode pass starts in the tile list) changes from call to call;
-# specialised on its value (== 1, multiple of 16) it would compile new variants mid-serving.
-@triton.jit(do_not_specialize=["tile_offset"])
+
+@triton.jit(do_not_specialize=_UNSPECIALIZED)
 def _lora_expand_kernel(
     y_ptr,
     h_ptr,
@@ -156,6 +160,9 @@ def _lora_expand_kernel(
         gdc_wait()
 
 
+_launch_expand = Launcher(_lora_expand_kernel, unspecialized=_UNSPECIALIZED)
+
+
 def lora_expand(
     y: torch.Tensor,
     h: torch.Tensor,
@@ -228,42 +235,47 @@ def lora_expand(
         for n_tiles in meta.pass_tiles:
             if n_tiles == 0:
                 continue
-            _lora_expand_kernel[(n_tiles, n_blocks, g1 - g0)](
-                y,
-                h[:, g0:],
-                b[0],
-                b[1],
-                b[2],
-                ranks[g0:],
-                scales[g0:],
-                meta.row_tokens,
-                meta.row_weights,
-                meta.tile_start,
-                meta.tile_len,
-                meta.tile_col,
-                meta.tile_slots,
-                tile_offset,
-                *o,
-                *f,
-                *sbs,
-                slots,
-                y.stride(0),
-                lora_b[0].stride(1),
-                h.stride(0),
-                h.stride(1),
-                h.stride(2),
-                TILE_K=meta.tile_k,
-                KP=kp,
-                RANK_CHUNK=chunk,
-                R_MAX=r_max,
-                NUM_SPLITS=h.shape[0],
-                BLOCK_M=meta.block_m,
-                BLOCK_N=block_n,
-                N_SLICES=g1 - g0,
-                EVEN_R=r_max % chunk == 0,
-                UPCAST=INTERPRET,
-                DOT_PRECISION=dot_precision(y.dtype),
-                USE_PDL=pdl and tile_offset == 0,
-                **launch_options(y.device, cfg, dependent=pdl and tile_offset == 0),
+            _launch_expand(
+                (n_tiles, n_blocks, g1 - g0),
+                (
+                    y,
+                    h[:, g0:],
+                    b[0],
+                    b[1],
+                    b[2],
+                    ranks[g0:],
+                    scales[g0:],
+                    meta.row_tokens,
+                    meta.row_weights,
+                    meta.tile_start,
+                    meta.tile_len,
+                    meta.tile_col,
+                    meta.tile_slots,
+                    tile_offset,
+                    *o,
+                    *f,
+                    *sbs,
+                    slots,
+                    y.stride(0),
+                    lora_b[0].stride(1),
+                    h.stride(0),
+                    h.stride(1),
+                    h.stride(2),
+                ),
+                dict(
+                    TILE_K=meta.tile_k,
+                    KP=kp,
+                    RANK_CHUNK=chunk,
+                    R_MAX=r_max,
+                    NUM_SPLITS=h.shape[0],
+                    BLOCK_M=meta.block_m,
+                    BLOCK_N=block_n,
+                    N_SLICES=g1 - g0,
+                    EVEN_R=r_max % chunk == 0,
+                    UPCAST=INTERPRET,
+                    DOT_PRECISION=dot_precision(y.dtype),
+                    USE_PDL=pdl and tile_offset == 0,
+                ),
+                launch_options(y.device, cfg, dependent=pdl and tile_offset == 0),
             )
             tile_offset += n_tiles

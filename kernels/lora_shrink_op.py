@@ -36,11 +36,14 @@ from kernels._common import (
     rank_chunk,
     slice_groups,
 )
+from kernels._launch import Launcher
 from kernels.config import kernel_config
 from kernels.metadata import LoraBatchMeta
 
 
-@triton.jit
+# h's strides move with T: specialised on their values (multiple of 16 or not) they would
+# compile new variants while serving.
+@triton.jit(do_not_specialize=["stride_hsp", "stride_hs"])
 def _lora_shrink_kernel(
     x_ptr,
     h_ptr,
@@ -134,6 +137,9 @@ def _lora_shrink_kernel(
         tl.store(h_base + kj[None, :] * R_MAX + r[None, :], acc, mask=h_mask)
 
 
+_launch_shrink = Launcher(_lora_shrink_kernel, unspecialized=("stride_hsp", "stride_hs"))
+
+
 def lora_shrink(
     x: torch.Tensor,
     lora_a: Sequence[torch.Tensor],
@@ -187,39 +193,44 @@ def lora_shrink(
     for g0, g1 in slice_groups(n_slices):
         a = pad3(lora_a[g0:g1], a0)
         grid = (meta.grid_tiles, num_splits, g1 - g0)
-        _lora_shrink_kernel[grid](
-            x,
-            h[:, g0:],
-            a[0],
-            a[1],
-            a[2],
-            ranks[g0:],
-            meta.row_tokens,
-            meta.tile_start,
-            meta.tile_len,
-            meta.tile_col,
-            meta.tile_slots,
-            in_features,
-            k_per_split,
-            slots,
-            x.stride(0),
-            a0.stride(0),
-            a0.stride(1),
-            h.stride(0),
-            h.stride(1),
-            h.stride(2),
-            TILE_K=meta.tile_k,
-            KP=kp,
-            RANK_CHUNK=chunk,
-            R_MAX=r_max,
-            BLOCK_M=meta.block_m,
-            BLOCK_K=block_k,
-            N_SLICES=g1 - g0,
-            EVEN_K=in_features % k_per_split == 0,
-            EVEN_R=r_max % chunk == 0,
-            UPCAST=INTERPRET,
-            DOT_PRECISION=dot_precision(x.dtype),
-            USE_PDL=pdl_supported(x.device),
-            **launch_options(x.device, cfg),
+        _launch_shrink(
+            grid,
+            (
+                x,
+                h[:, g0:],
+                a[0],
+                a[1],
+                a[2],
+                ranks[g0:],
+                meta.row_tokens,
+                meta.tile_start,
+                meta.tile_len,
+                meta.tile_col,
+                meta.tile_slots,
+                in_features,
+                k_per_split,
+                slots,
+                x.stride(0),
+                a0.stride(0),
+                a0.stride(1),
+                h.stride(0),
+                h.stride(1),
+                h.stride(2),
+            ),
+            dict(
+                TILE_K=meta.tile_k,
+                KP=kp,
+                RANK_CHUNK=chunk,
+                R_MAX=r_max,
+                BLOCK_M=meta.block_m,
+                BLOCK_K=block_k,
+                N_SLICES=g1 - g0,
+                EVEN_K=in_features % k_per_split == 0,
+                EVEN_R=r_max % chunk == 0,
+                UPCAST=INTERPRET,
+                DOT_PRECISION=dot_precision(x.dtype),
+                USE_PDL=pdl_supported(x.device),
+            ),
+            launch_options(x.device, cfg),
         )
     return h

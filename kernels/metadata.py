@@ -84,7 +84,8 @@ class LoraBatchMeta:
     tile_slots: torch.Tensor  # [G, tile_k] int32, slots shared by all rows of the tile
     # Every tensor above is a view of one of these two, so a captured graph's meta is refreshed
     # with two copies: int_buf = token_slots, row_tokens, tile_start, tile_len, tile_col,
-    # tile_slots; float_buf = token_weights, row_weights (in that order).
+    # tile_slots; float_buf = token_weights, row_weights (in that order, each view 16-byte
+    # aligned: see _packed).
     int_buf: torch.Tensor
     float_buf: torch.Tensor
     num_tokens: int
@@ -204,6 +205,25 @@ def _pick_pad(pad_tiles_to: int | Sequence[int] | None, needed: int) -> int | No
     return fits[0]
 
 
+def _packed(
+    parts: list[np.ndarray], dtype, device: torch.device
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One device buffer holding ``parts`` (4-byte elements), each starting 16-byte aligned.
+
+    Triton specialises a kernel on the 16-byte alignment of every pointer it gets; unaligned
+    views, at offsets that move with T and the tile count, compiled new kernel variants in the
+    middle of serving (and multiplied the variants to warm up). Returns the buffer and views."""
+    starts = np.cumsum([0] + [-(-len(p) // _ALIGN) * _ALIGN for p in parts])
+    host = np.zeros(starts[-1], dtype)
+    for p, s0 in zip(parts, starts, strict=False):
+        host[s0 : s0 + len(p)] = p
+    buf = torch.from_numpy(host).to(device)
+    return buf, [buf[s0 : s0 + len(p)] for p, s0 in zip(parts, starts, strict=False)]
+
+
+_ALIGN = 4  # elements of 4 bytes: 16-byte alignment of every view of a packed buffer
+
+
 def build_lora_meta(
     token_slots: torch.Tensor,
     token_weights: torch.Tensor,
@@ -282,17 +302,13 @@ def build_lora_meta(
     rows[: len(lay.rows)] = lay.rows
     row_w = np.zeros((r, tile_k), np.float32)
     row_w[: len(lay.rows)] = lay.weights
-    ints = np.concatenate([slots.ravel(), rows, start, length, tcol, tslots.ravel()])
-    floats = np.concatenate([weights.ravel(), row_w.ravel()])
-    ib = torch.from_numpy(ints.astype(np.int32)).to(device)
-    fb = torch.from_numpy(floats.astype(np.float32)).to(device)
-    cuts = np.cumsum([0, t * k, r, grid, grid, grid, grid * tile_k])
-    iv = [ib[cuts[i] : cuts[i + 1]] for i in range(6)]
+    ib, iv = _packed([slots.ravel(), rows, start, length, tcol, tslots.ravel()], np.int32, device)
+    fb, fv = _packed([weights.ravel(), row_w.ravel()], np.float32, device)
     return LoraBatchMeta(
         token_slots=iv[0].view(t, k),
-        token_weights=fb[: t * k].view(t, k),
+        token_weights=fv[0].view(t, k),
         row_tokens=iv[1],
-        row_weights=fb[t * k :].view(r, tile_k),
+        row_weights=fv[1].view(r, tile_k),
         tile_start=iv[2],
         tile_len=iv[3],
         tile_col=iv[4],

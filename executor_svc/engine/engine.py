@@ -3,8 +3,11 @@
 One worker thread runs the step loop (schedule -> model step -> postprocess) so the asyncio
 loop serving gRPC stays responsive. Shared state (scheduler, blocks) is guarded by ``_lock``,
 held only while scheduling and postprocessing, never during the forward; ``model.step_lock``
-is held during the forward, so ``model.set_lora``/``reset_lora`` (which take it) land between
-steps.
+is held while a step's device work is queued, so ``model.set_lora``/``reset_lora`` (which take
+it) are queued between steps, on the same stream, and run on the device after the step's
+kernels: never under a running batch. The lock is not held while the step thread waits for the
+sampled tokens, so adapters loading for waiting requests are queued during that wait instead
+of waiting out the step's GPU time.
 
 Results cross back through one ordered outbox, sent with one ``call_soon_threadsafe``: a
 step's tokens are sent once the *next* step's GPU work is queued (or at once when the loop
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -93,6 +97,11 @@ class Engine:
         """Load the model, allocate the KV cache, capture graphs; then start the step loop."""
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._load)
+        # The model, graphs and compiled kernels live as long as the engine: moved out of the
+        # collector's generations, they are not traversed again by every full collection (a
+        # pause in whichever step it lands in).
+        gc.collect()
+        gc.freeze()
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
 
@@ -139,9 +148,8 @@ class Engine:
             block_size=self.block_size,
             max_model_len=self.max_model_len,
             graph_batch_sizes=sizes,
+            lora_warm_up_tokens=self.max_num_batched_tokens,
         )
-        if self.device.type == "cuda":
-            self.runner.warm_up_lora(self.max_num_batched_tokens)
         self._model = model
 
     async def stop(self) -> None:
@@ -319,8 +327,9 @@ class Engine:
                     self._step_launched()
                     time.sleep(0.001)
                     continue
-                with self.model.step_lock:
-                    tokens = self.runner.execute(batch, on_launched=self._step_launched)
+                tokens = self.runner.execute(
+                    batch, on_launched=self._step_launched, lock=self.model.step_lock
+                )
                 with self._lock:
                     self._postprocess(batch, tokens)
         except BaseException as exc:  # surface to every waiting consumer

@@ -14,6 +14,8 @@ per step. Steps with prefill chunks run eagerly (attention per chunk).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -26,8 +28,11 @@ from executor_svc.engine.sequence import Sequence
 from executor_svc.model.context import PrefillChunk, StepContext
 from executor_svc.model.llama import CausalLM
 from kernels import LoraBatchMeta, build_lora_meta
+from kernels._launch import compile_only
 from kernels.config import token_buckets
 from kernels.metadata import MAX_K
+
+log = logging.getLogger(__name__)
 
 GRAPH_META_MODE = "plan"  # fixed for capture and replay: buffer shapes must not change
 
@@ -68,10 +73,11 @@ def kv_bytes_per_block(model: CausalLM, block_size: int) -> int:
 
 
 class _Graph:
-    __slots__ = ("graph", "batch", "meta")
+    __slots__ = ("graph", "batch", "meta", "sent")
 
     def __init__(self, graph, batch: int, meta: LoraBatchMeta | None):
         self.graph, self.batch, self.meta = graph, batch, meta
+        self.sent: LoraBatchMeta | None = None  # host metadata last copied into ``meta``
 
 
 class ModelRunner:
@@ -83,6 +89,7 @@ class ModelRunner:
         block_size: int,
         max_model_len: int,
         graph_batch_sizes: list[int],
+        lora_warm_up_tokens: int = 0,
     ):
         self.model, self.device, self.block_size = model, model.device, block_size
         c = model.config
@@ -103,18 +110,37 @@ class ModelRunner:
         # Tile pads captured per batch size; a benchmark may restrict them ({b: [b]} is the
         # single padded grid) to compare.
         self.tile_pads: dict[int, list[int]] = {}
+        # (batch, LoRA mode) -> (plans, host metadata) of the last decode step: see _decode_meta
+        self._last_meta: dict[tuple[int, int], tuple[tuple, LoraBatchMeta]] = {}
         self.graph_sizes = sorted(graph_batch_sizes) if self.device.type == "cuda" else []
+        if lora_warm_up_tokens and self.device.type == "cuda":
+            self.warm_up_lora(lora_warm_up_tokens)  # first: it compiles the graphs' kernels too
         if self.graph_sizes:
             self._capture_all()
 
     # -- eager path ----------------------------------------------------------------------
 
     def execute(
-        self, batch: ScheduledBatch, on_launched: Callable[[], None] | None = None
+        self,
+        batch: ScheduledBatch,
+        on_launched: Callable[[], None] | None = None,
+        lock: contextlib.AbstractContextManager = contextlib.nullcontext(),
     ) -> list[int]:
         """Run the step; returns a token for every entry that reaches the end of its tokens.
 
-        ``on_launched`` runs once the step's device work is queued, before waiting for it."""
+        ``lock`` is held while the step's device work is queued (the model's step lock: slot
+        writes, queued on the same stream, then run on the device after this step's kernels),
+        not while waiting for the sampled tokens; ``on_launched`` runs once the work is queued.
+        """
+        entries = batch.entries
+        samplers = [s for s, n in entries if s.num_computed + n == s.num_tokens]
+        with lock:
+            logits = self._launch(batch)
+        if on_launched is not None:
+            on_launched()
+        return sample(logits, samplers, self.eos_ids) if samplers else []
+
+    def _launch(self, batch: ScheduledBatch) -> torch.Tensor:
         entries = batch.entries
         # The scheduler's copies: a live seq.block_table can be emptied by abort() (another
         # thread) mid-step, which made a decode row read past its block table on the device.
@@ -124,16 +150,11 @@ class ModelRunner:
             else [list(s.block_table) for s, _ in entries]
         )
         num_decode = sum(1 for _, n in entries if n == 1)
-        samplers = [s for s, n in entries if s.num_computed + n == s.num_tokens]
         if num_decode == len(entries) and self.graph_sizes and num_decode <= self.graph_sizes[-1]:
-            logits = self._replay(entries, tables)
-        else:
-            ids, ctx, logits_idx = self._prepare(entries, num_decode, tables)
-            hidden = self.model(ids, ctx, self.kv_caches)
-            logits = self.model.compute_logits(hidden[logits_idx])
-        if on_launched is not None:
-            on_launched()
-        return sample(logits, samplers, self.eos_ids) if samplers else []
+            return self._replay(entries, tables)
+        ids, ctx, logits_idx = self._prepare(entries, num_decode, tables)
+        hidden = self.model(ids, ctx, self.kv_caches)
+        return self.model.compute_logits(hidden[logits_idx])
 
     def _lora_plan(self, seqs: list[Sequence], counts: list[int], k: int | None = None):
         """Per-token (slot, weight) arrays [T, K] (K = most adapters of any request)."""
@@ -205,13 +226,28 @@ class ModelRunner:
         Triton compiles a kernel variant per launch configuration (token bucket), adapters per
         token (1-4) and metadata mode; left to the first requests, the compiles land in their
         time to first token (seen on a fresh H100: 8.6 s TTFT p50). Runs each LoRA projection
-        of layer 0 once per variant, on zeros. Returns the number of projection calls. (The
-        engine calls it on CUDA only: the CPU's torch path compiles nothing.)"""
+        of layer 0 once per variant, on zeros, for each token bucket and decode-graph batch
+        size: first compiling only, on a thread pool where Triton can (one after another, the
+        ~150 variants of a 7B model took 3 minutes on the H100 host), then launching each once.
+        Returns the number of projection calls. (On CUDA the runner calls it before capturing
+        its graphs; the CPU's torch path compiles nothing.)"""
         if not (self.model.num_slots and self.model.max_rank):
             return 0
+        sizes = {t for t in token_buckets(self.device) if t < max_tokens} | {max_tokens}
+        sizes = sorted(sizes | set(self.graph_sizes))  # decode graphs: plan mode, K = 1 and 4
+        try:
+            with compile_only():
+                self._run_lora_variants(sizes)
+        except Exception:  # the launching pass below compiles whatever is missing, in turn
+            log.exception("parallel compile of the LoRA kernels failed; compiling in turn")
+        calls = self._run_lora_variants(sizes)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return calls
+
+    def _run_lora_variants(self, sizes: list[int]) -> int:
         layer, calls = self.model.layers[0], 0
         projections = (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
-        sizes = sorted({t for t in token_buckets(self.device) if t < max_tokens} | {max_tokens})
         for t in sizes:
             xs = [
                 torch.zeros(t, p.in_features, dtype=self.model.dtype, device=self.device)
@@ -227,8 +263,6 @@ class ModelRunner:
                     for proj, x in zip(projections, xs, strict=True):
                         proj(x, meta)
                         calls += 1
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
         return calls
 
     # -- CUDA graphs for decode steps ----------------------------------------------------------
@@ -272,6 +306,39 @@ class ModelRunner:
                 self.graphs[(b, k, pad)] = _Graph(graph, b, meta)
         torch.cuda.synchronize()
 
+    def _decode_meta(self, seqs: list[Sequence], b: int, mode: int) -> _Graph:
+        """The graph for this decode batch's plans, its LoRA metadata buffers holding them.
+
+        Decode batches keep their requests and plans from step to step, so the metadata of the
+        last plans of each batch size is kept (host-built, with its graph) and re-sent to the
+        graph only if another plan list was sent there since: building and staging it took
+        0.2-0.35 ms of host time per 7B decode step on the H100 host (docs/benchmarks.md)."""
+        plans = (tuple(self.tile_pads[b]), *(tuple(s.adapters) for s in seqs))
+        hit = self._last_meta.get((b, mode))
+        if hit is None or hit[0] != plans:
+            slots, weights = self._lora_plan(seqs, [1] * len(seqs), mode)
+            slots = np.pad(slots, ((0, b - len(seqs)), (0, 0)), constant_values=-1)
+            weights = np.pad(weights, ((0, b - len(seqs)), (0, 0)))
+            host = build_lora_meta(
+                torch.from_numpy(slots),
+                torch.from_numpy(weights),
+                self.model.num_slots,
+                torch.device("cpu"),
+                block_m=self.graphs[(b, mode, b)].meta.block_m,
+                pad_tiles_to=self.tile_pads[b],
+                mode=GRAPH_META_MODE,
+            )
+            hit = self._last_meta[(b, mode)] = (plans, host)
+        g = self.graphs[(b, mode, hit[1].grid_tiles)]
+        self.send_meta(g, hit[1])
+        return g
+
+    def send_meta(self, g: _Graph, host: LoraBatchMeta) -> None:
+        """Copy host-built metadata into graph ``g``'s buffers, unless they hold it already."""
+        if g.sent is not host:
+            self._stager.copy(g.meta, host)
+            g.sent = host
+
     def _graph_ctx(self, b: int, meta: LoraBatchMeta | None) -> StepContext:
         return StepContext(
             positions=self.s_pos[:b],
@@ -311,22 +378,6 @@ class ModelRunner:
             dst[:b].copy_(torch.from_numpy(src), non_blocking=True)
         k = max((len(s.adapters) for s in seqs), default=0)
         mode = 0 if k == 0 else (1 if k == 1 else MAX_K)
-        if mode:
-            slots, weights = self._lora_plan(seqs, [1] * nd, mode)
-            slots = np.pad(slots, ((0, b - nd), (0, 0)), constant_values=-1)
-            weights = np.pad(weights, ((0, b - nd), (0, 0)))
-            host = build_lora_meta(
-                torch.from_numpy(slots),
-                torch.from_numpy(weights),
-                self.model.num_slots,
-                torch.device("cpu"),
-                block_m=self.graphs[(b, mode, b)].meta.block_m,
-                pad_tiles_to=self.tile_pads[b],
-                mode=GRAPH_META_MODE,
-            )
-            g = self.graphs[(b, mode, host.grid_tiles)]
-            self._stager.copy(g.meta, host)
-        else:
-            g = self.graphs[(b, 0, 0)]
+        g = self._decode_meta(seqs, b, mode) if mode else self.graphs[(b, 0, 0)]
         g.graph.replay()
         return self.s_logits[:nd]

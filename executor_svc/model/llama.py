@@ -123,8 +123,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config, self.num_slots, self.max_rank = cfg, num_slots, max_rank
         self.dtype, self.device = dtype, device
-        # Held by the engine during each forward; slot writes take it, so they land between
-        # steps and never under a running batch.
+        # Held by the engine while a step's device work is queued; slot writes take it, so their
+        # copies are queued between steps' kernels (one stream) and never run under a batch.
         self.step_lock = threading.RLock()
         self.lora_store = None
         if num_slots > 0 and max_rank > 0:

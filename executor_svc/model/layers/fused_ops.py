@@ -2,7 +2,8 @@
 
 In eager torch each of these is 4-12 small kernels; at decode sizes a 7B step spent more time
 in ~1,400 such launches (inside the CUDA graph) than in a third of its GEMMs. One Triton
-program per token row each. The CPU path keeps the plain-torch ops (bit-exact vs transformers).
+program per token row each, launched through :class:`kernels._launch.Launcher` (eager
+prefill steps launch them 4 times a layer). The CPU path keeps the plain-torch ops (bit-exact vs transformers).
 Numerics follow transformers: RMSNorm and RoPE in fp32, rounded once to the model dtype.
 """
 
@@ -18,6 +19,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from kernels._launch import Launcher  # noqa: E402
+
 
 @triton.jit
 def _rms_norm_kernel(X, W, Y, stride_x, stride_y, n, eps, BLOCK: tl.constexpr):
@@ -31,11 +34,17 @@ def _rms_norm_kernel(X, W, Y, stride_x, stride_y, n, eps, BLOCK: tl.constexpr):
     tl.store(Y + row * stride_y + cols, normed * w, mask=mask)
 
 
+_launch_rms_norm = Launcher(_rms_norm_kernel)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x)
     n = x.shape[-1]
-    _rms_norm_kernel[(x.shape[0],)](
-        x, weight, y, x.stride(0), y.stride(0), n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8
+    _launch_rms_norm(
+        (x.shape[0],),
+        (x, weight, y, x.stride(0), y.stride(0), n, eps),
+        {"BLOCK": triton.next_power_of_2(n)},
+        {"num_warps": 8},
     )
     return y
 
@@ -74,6 +83,9 @@ def _rope_kernel(
     tl.store(ob + HALF, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=m)
 
 
+_launch_rope = Launcher(_rope_kernel)
+
+
 def rope(
     x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:
@@ -81,22 +93,27 @@ def rope(
     t, h, d = x.shape
     out = torch.empty(t, h, d, dtype=x.dtype, device=x.device)
     if t:
-        _rope_kernel[(t,)](
-            x,
-            out,
-            cos,
-            sin,
-            positions,
-            x.stride(0),
-            x.stride(1),
-            out.stride(0),
-            out.stride(1),
-            cos.stride(0),
-            h,
-            HALF=d // 2,
-            HP=triton.next_power_of_2(d // 2),
-            BLOCK_H=triton.next_power_of_2(h),
-            num_warps=4,
+        _launch_rope(
+            (t,),
+            (
+                x,
+                out,
+                cos,
+                sin,
+                positions,
+                x.stride(0),
+                x.stride(1),
+                out.stride(0),
+                out.stride(1),
+                cos.stride(0),
+                h,
+            ),
+            {
+                "HALF": d // 2,
+                "HP": triton.next_power_of_2(d // 2),
+                "BLOCK_H": triton.next_power_of_2(h),
+            },
+            {"num_warps": 4},
         )
     return out
 
@@ -113,6 +130,9 @@ def _silu_mul_kernel(X, Y, stride_x, stride_y, n, BLOCK: tl.constexpr):
     tl.store(Y + row * stride_y + cols, act * u, mask=mask)
 
 
+_launch_silu_mul = Launcher(_silu_mul_kernel)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2n] = [gate | up] -> silu(gate) * up, [T, n]."""
     t, n2 = x.shape
@@ -120,7 +140,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
     block = 1024
     if t:
-        _silu_mul_kernel[(t, triton.cdiv(n, block))](
-            x, y, x.stride(0), y.stride(0), n, BLOCK=block, num_warps=4
+        _launch_silu_mul(
+            (t, triton.cdiv(n, block)),
+            (x, y, x.stride(0), y.stride(0), n),
+            {"BLOCK": block},
+            {"num_warps": 4},
         )
     return y

@@ -24,6 +24,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from kernels._launch import Launcher  # noqa: E402
+
 TILE = 64  # tokens per loop iteration: 4 blocks of 16, 16 KB of K and of V per load at D=128
 
 
@@ -89,6 +91,9 @@ def _paged_decode_kernel(
     )
 
 
+_launch_paged_decode = Launcher(_paged_decode_kernel)
+
+
 def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, block_size):
     """q: [B, Hq, D] -> [B, Hq, D]; see the module docstring for the cache layout."""
     b, hq, d = q.shape
@@ -97,27 +102,32 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, 
     out = torch.empty_like(q)
     if b == 0:
         return out
-    _paged_decode_kernel[(b, hkv)](
-        q,
-        k_cache,
-        v_cache,
-        out,
-        block_tables,
-        context_lens,
-        scale,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        D=d,
-        BLOCK_SIZE=block_size,
-        TILE=TILE,
-        num_warps=4,
+    _launch_paged_decode(
+        (b, hkv),
+        (
+            q,
+            k_cache,
+            v_cache,
+            out,
+            block_tables,
+            context_lens,
+            scale,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            block_tables.stride(0),
+            out.stride(0),
+            out.stride(1),
+        ),
+        {
+            "GROUP": group,
+            "GROUP_PAD": max(16, triton.next_power_of_2(group)),
+            "D": d,
+            "BLOCK_SIZE": block_size,
+            "TILE": TILE,
+        },
+        {"num_warps": 4},
     )
     return out
 
