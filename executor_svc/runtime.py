@@ -114,6 +114,7 @@ class ExecutorRuntime:
             lambda path: load_adapter(path, dtype=dtype),
             max_rank=s.max_lora_rank,
             latest_ttl_s=s.latest_version_ttl_s,
+            max_concurrent_builds=s.adapter_load_concurrency,
         )
         self.slots = SlotManager(
             engine.model,

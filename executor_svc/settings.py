@@ -37,6 +37,9 @@ class ExecutorSettings(BaseSettings):
     adapter_memory_bytes: int = Field(0, description="GPU bytes for slots when num_lora_slots=0.")
     max_lora_rank: int = 64
     host_cache_bytes: int = Field(2 << 30, description="Host LRU of parsed adapters.")
+    adapter_load_concurrency: int = Field(
+        4, ge=1, description="Adapters parsed and packed at once (a burst of cold ones queues)."
+    )
     disk_cache_bytes: int = Field(
         50 << 30,
         description="Disk budget of adapters downloaded from the registry, least recently "

@@ -26,19 +26,30 @@ from loraserve.errors import FailedPrecondition, NotFound, ResourceExhausted
 
 
 class CountingLoader:
-    """The real PEFT loader, counting calls and optionally slowed down for one adapter."""
+    """The real PEFT loader, counting calls (and the most running at once), optionally slowed
+    down for one adapter (or, with slow="*", for every adapter)."""
 
     def __init__(self, slow: str = "", delay: float = 0.0):
         self.calls: dict[str, int] = {}
         self.slow, self.delay = slow, delay
         self.lock = threading.Lock()
+        self.running = self.most_running = 0
+        self.events: list[str] = []  # "start" / "end" of each call, in order
 
     def __call__(self, path: Path):
         with self.lock:
             self.calls[path.name] = self.calls.get(path.name, 0) + 1
-        if path.name == self.slow:
-            time.sleep(self.delay)
-        return load_adapter(path)
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            self.events.append("start")
+        try:
+            if self.slow in (path.name, "*"):
+                time.sleep(self.delay)
+            return load_adapter(path)
+        finally:
+            with self.lock:
+                self.running -= 1
+                self.events.append("end")
 
 
 @pytest.fixture
@@ -48,7 +59,7 @@ def adapter_root(adapter_factory, tmp_path) -> Path:
     return tmp_path / "adapters"
 
 
-def make(tiny_model_dir, root, *, slots=2, loader=None, wait=0.3, host_bytes=1 << 30):
+def make(tiny_model_dir, root, *, slots=2, loader=None, wait=0.3, host_bytes=1 << 30, builds=4):
     model = build_model(
         load_hf_config(tiny_model_dir),
         device=torch.device("cpu"),
@@ -57,7 +68,11 @@ def make(tiny_model_dir, root, *, slots=2, loader=None, wait=0.3, host_bytes=1 <
         max_rank=16,
     )
     store = AdapterStore(
-        LocalDirSource(root), HostCache(host_bytes), loader or CountingLoader(), max_rank=16
+        LocalDirSource(root),
+        HostCache(host_bytes),
+        loader or CountingLoader(),
+        max_rank=16,
+        max_concurrent_builds=builds,
     )
     return model, store, SlotManager(model, store, slots, wait_timeout_s=wait, retry_after_s=0.5)
 
@@ -260,3 +275,26 @@ async def test_two_slots_freed_at_once_serve_a_waiter_and_a_newcomer(tiny_model_
     assert time.perf_counter() - t0 < 0.5
     l1.release()
     l3.release()
+
+
+async def test_a_burst_of_cold_adapters_is_parsed_a_few_at_a_time(tiny_model_dir, adapter_root):
+    """Four cold adapters at once through a store that builds two at a time: every load
+    completes, two parse at once and never more, and the third starts only once a first one
+    has finished (waves, not four sharing the cores and finishing together)."""
+    loader = CountingLoader(slow="*", delay=0.2)
+    _, store, _ = make(tiny_model_dir, adapter_root, loader=loader, builds=2)
+    await asyncio.gather(*(store.weights(K(n)) for n in "abcd"))
+    assert sorted(loader.calls) == list("abcd") and loader.most_running == 2
+    starts = [i for i, e in enumerate(loader.events) if e == "start"]
+    assert starts[2] > loader.events.index("end"), loader.events
+
+
+def test_store_refuses_a_build_limit_below_one(adapter_root) -> None:
+    with pytest.raises(ValueError, match="max_concurrent_builds"):
+        AdapterStore(
+            LocalDirSource(adapter_root),
+            HostCache(1 << 20),
+            CountingLoader(),
+            max_rank=16,
+            max_concurrent_builds=0,
+        )
