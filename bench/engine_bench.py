@@ -175,7 +175,7 @@ async def ours(args, bw: float) -> None:
         max_num_seqs=max_b,
         max_model_len=PROMPT + NEW + 16,
         kv_memory_bytes=kv_tokens * 2 * 32 * 4096 * 2,
-        max_num_batched_tokens=2048,
+        max_num_batched_tokens=args.max_batched_tokens,
         cuda_graph_batch_sizes=args.graph_sizes,
     )
     t = time.perf_counter()
@@ -228,6 +228,7 @@ async def ours(args, bw: float) -> None:
                 engine="loraserve",
                 case=name,
                 batch=batch,
+                max_batched_tokens=args.max_batched_tokens,
                 prompt=PROMPT,
                 new_tokens=NEW,
                 tok_s=round(r["tok_s"], 1),
@@ -339,6 +340,7 @@ def main() -> None:
     p.add_argument("--peft-new-tokens", type=int, default=32)
     p.add_argument("--skip-peft", action="store_true")
     p.add_argument("--cases", nargs="+", help="run only these cases (default: all)")
+    p.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens per step")
     p.add_argument("--pool", type=int, default=1000, help="registered adapters; 0 = no pool case")
     p.add_argument("--pool-files", type=int, default=8, help="distinct weight files in the pool")
     p.add_argument("--pool-host-cache-gib", type=int, default=16)

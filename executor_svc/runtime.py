@@ -99,6 +99,7 @@ class ExecutorRuntime:
             num_lora_slots=s.num_lora_slots or self._slots_from_budget(model_dir, device),
             max_lora_rank=s.max_lora_rank,
             max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens,
             kv_memory_bytes=s.kv_memory_bytes or None,
             max_model_len=s.max_model_len,
         )

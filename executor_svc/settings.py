@@ -30,6 +30,12 @@ class ExecutorSettings(BaseSettings):
     dtype: str = Field("auto", description='"auto" (bf16 on cuda, fp32 on cpu) or a torch dtype.')
     max_model_len: int = Field(2048, description="Prompt + generated tokens per request.")
     max_num_seqs: int = Field(64, description="Requests decoded together in one batch.")
+    max_num_batched_tokens: int = Field(
+        2048,
+        ge=16,
+        description="Tokens per engine step (prefill chunks + decodes): larger steps prefill "
+        "faster, and longer steps delay the decodes batched with them.",
+    )
     kv_memory_bytes: int = Field(0, description="KV cache size; 0 = engine default.")
 
     # Adapters.
