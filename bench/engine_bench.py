@@ -239,16 +239,18 @@ async def ours(args, bw: float) -> None:
                 distinct_adapters=len({tuple(plan(i)) for i in range(batch)}),
                 **{k: v for k, v in r.items() if k.endswith(("_s", "_steps")) and "tok_s" not in k},
             )
-    if args.pool and 64 in args.batches:
+    rows = []
+    for concurrency in args.pool_load_concurrency if args.pool and 64 in args.batches else []:
         with tempfile.TemporaryDirectory(prefix="engine-pool-") as root:
-            rows = await pool_case(engine, 64, prompts, run_case, root=Path(root), args=args)
-        for row in rows:
-            emit(
-                engine="loraserve",
-                batch=64,
-                **{k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()},
-                **({"vs_no_adapter": round(row["tok_s"] / bases[64], 3)} if "tok_s" in row else {}),
-            )
+            one = argparse.Namespace(**{**vars(args), "pool_load_concurrency": concurrency})
+            rows += await pool_case(engine, 64, prompts, run_case, root=Path(root), args=one)
+    for row in rows:
+        emit(
+            engine="loraserve",
+            batch=64,
+            **{k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()},
+            **({"vs_no_adapter": round(row["tok_s"] / bases[64], 3)} if "tok_s" in row else {}),
+        )
     emit(
         case="engine_stats",
         **{
@@ -344,6 +346,13 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=1000, help="registered adapters; 0 = no pool case")
     p.add_argument("--pool-files", type=int, default=8, help="distinct weight files in the pool")
     p.add_argument("--pool-host-cache-gib", type=int, default=16)
+    p.add_argument(
+        "--pool-load-concurrency",
+        type=int,
+        nargs="+",
+        default=[4],
+        help="adapters parsed and packed at once (one pool run per value)",
+    )
     p.add_argument(
         "--compare-single-grid",
         action="store_true",

@@ -85,6 +85,7 @@ async def pool_case(engine, batch: int, prompts, run_case, *, root: Path, args) 
         HostCache(args.pool_host_cache_gib << 30, pin_memory=model.device.type == "cuda"),
         lambda path: load_adapter(path, dtype=model.dtype),
         max_rank=model.max_rank,
+        max_concurrent_builds=args.pool_load_concurrency,
     )
     slots = SlotManager(
         model, store, model.num_slots, slot_bytes=model.lora_bytes_per_slot(), wait_timeout_s=600
@@ -109,6 +110,7 @@ async def pool_case(engine, batch: int, prompts, run_case, *, root: Path, args) 
                 "case": f"{batch}_of_{args.pool}_registered_{phase}",
                 "pool": args.pool,
                 "pool_weight_files": args.pool_files,
+                "load_concurrency": args.pool_load_concurrency,
                 "pool_written_s": round(written_s, 1),
                 "swap_ins": slots.loads - loads0,
                 **r,
