@@ -106,6 +106,10 @@ class LoraSlotStore:
         return SiteViews(a, b, self.ranks[site, :n], self.scales[site, :n])
 
     # -- writing a slot (between steps: the caller holds the model's step lock) ---------------
+    # Every copy is asynchronous, from page-locked memory: the step lock is held only while a
+    # step is queued, so a copy that waited for the device (as one from pageable memory does)
+    # would hold the lock for the rest of the running step and stall the next one; a burst of
+    # cold adapters made prefill steps take ~0.6 s on the H100 that way (docs/benchmarks.md).
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         """Put ``weights`` in ``slot``; modules the adapter lacks get rank 0."""
@@ -123,8 +127,10 @@ class LoraSlotStore:
                 v, r = self._slice_views(slot, i, j), mw.a.shape[0]
                 v[0][:r].copy_(mw.a, non_blocking=True)
                 v[1][:, :r].copy_(mw.b, non_blocking=True)
-        self.ranks[:, :, slot].copy_(ranks)
-        self.scales[:, :, slot].copy_(scales)
+        if self.data.is_cuda:  # from pageable memory a copy would wait for the running step
+            ranks, scales = ranks.pin_memory(), scales.pin_memory()
+        self.ranks[:, :, slot].copy_(ranks, non_blocking=True)
+        self.scales[:, :, slot].copy_(scales, non_blocking=True)
 
     def clear(self, slot: int) -> None:
         self.data[slot].zero_()
