@@ -350,7 +350,7 @@ def main() -> None:
         "--pool-load-concurrency",
         type=int,
         nargs="+",
-        default=[4],
+        default=[64],
         help="adapters parsed and packed at once (one pool run per value)",
     )
     p.add_argument(

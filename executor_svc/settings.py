@@ -44,7 +44,7 @@ class ExecutorSettings(BaseSettings):
     max_lora_rank: int = 64
     host_cache_bytes: int = Field(2 << 30, description="Host LRU of parsed adapters.")
     adapter_load_concurrency: int = Field(
-        4, ge=1, description="Adapters parsed and packed at once (a burst of cold ones queues)."
+        64, ge=1, description="Adapters parsed and packed at once; lower it on hosts of few cores."
     )
     disk_cache_bytes: int = Field(
         50 << 30,

@@ -10,12 +10,13 @@
 
 Concurrent calls for the same key share one in-flight task, so 50 requests arriving together
 for a cold adapter cause one download and one parse. Failures are not cached: the next call
-tries again. At most ``max_concurrent_builds`` adapters are parsed and packed at once (downloads
-are not limited): a burst of cold adapters then comes in one after another at full speed, the
-first ones serving their requests early, instead of all sharing the cores, the GIL and the
-page-locking of host memory and finishing together (64 cold 7B adapters at once: 7.5 s before
-the last request started, each parse and pack stretched from ~60 ms to ~2 s; H100 host,
-docs/benchmarks.md).
+tries again. At most ``max_concurrent_builds`` adapters are parsed and packed at once
+(downloads are not limited). How many is best depends on the host, measured with bursts of
+cold 7B adapters (docs/benchmarks.md): on 2 CPU cores, 24 at once, 4 at a time brought the last
+one in 3x sooner than all together (the loads stop thrashing); on the H100 host (16 cores), 64
+at once, 4 at a time was slower than 64 (last request started after 10.5 s vs 5.5-6.7 s): the
+trickle of loads then overlapped prefill steps and both fought the step thread for the GIL.
+Default: 64.
 
 ``resolve(adapter_id, version)`` turns version 0 ("latest READY") into a number. Concrete
 versions are immutable and cached for good; "latest" answers are cached for
@@ -48,7 +49,7 @@ class AdapterStore:
         *,
         max_rank: int,
         latest_ttl_s: float = 5.0,
-        max_concurrent_builds: int = 4,
+        max_concurrent_builds: int = 64,
     ):
         if max_concurrent_builds < 1:
             raise ValueError(f"max_concurrent_builds={max_concurrent_builds} must be >= 1")
