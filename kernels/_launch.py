@@ -66,18 +66,22 @@ class Launcher:
         if not FAST:
             self.fn[grid](*args, **constexprs, **options)
             return
-        key = self._key(args, constexprs, options)
+        values = tuple(constexprs[n] for n in self.constexpr_names)
+        key = self._key(args, values, options)
         kernel = self.compiled.get(key)
         if kernel is None:
             kernel = self.fn[grid](*args, **constexprs, **options)
+            if type(kernel).__name__ == "FutureKernel":  # compiled asynchronously: finished now
+                kernel = kernel.result()
             if kernel is not None and hasattr(kernel, "run"):
                 self.compiled[key] = kernel
             return
         grid = (*grid, 1, 1)[:3] if len(grid) < 3 else grid
-        kernel[grid](*args, *(constexprs[n] for n in self.constexpr_names))
+        kernel[grid](*args, *values)
 
-    def _key(self, args: tuple, constexprs: dict, options: dict) -> tuple:
-        key: list = [tuple(constexprs.values()), tuple(options.values()), tuple(options)]
+    def _key(self, args: tuple, constexpr_values: tuple, options: dict) -> tuple:
+        """What Triton picks a variant by; ``constexpr_values`` in declaration order."""
+        key: list = [constexpr_values, tuple(options.values()), tuple(options)]
         append, tensor, unspecialized = key.append, torch.Tensor, self.unspecialized
         for i, a in enumerate(args):
             if isinstance(a, tensor):
