@@ -205,6 +205,9 @@ def _pick_pad(pad_tiles_to: int | Sequence[int] | None, needed: int) -> int | No
     return fits[0]
 
 
+_ALIGN = 4  # elements of 4 bytes: 16-byte alignment of every view of a packed buffer
+
+
 def _packed(
     parts: list[np.ndarray], dtype, device: torch.device
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -219,9 +222,6 @@ def _packed(
         host[s0 : s0 + len(p)] = p
     buf = torch.from_numpy(host).to(device)
     return buf, [buf[s0 : s0 + len(p)] for p, s0 in zip(parts, starts, strict=False)]
-
-
-_ALIGN = 4  # elements of 4 bytes: 16-byte alignment of every view of a packed buffer
 
 
 def build_lora_meta(

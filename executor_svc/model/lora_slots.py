@@ -108,8 +108,7 @@ class LoraSlotStore:
     # -- writing a slot (between steps: the caller holds the model's step lock) ---------------
     # Every copy is asynchronous, from page-locked memory: the step lock is held only while a
     # step is queued, so a copy that waited for the device (as one from pageable memory does)
-    # would hold the lock for the rest of the running step and stall the next one; a burst of
-    # cold adapters made prefill steps take ~0.6 s on the H100 that way (docs/benchmarks.md).
+    # would hold the lock until the running step ends and stall the queuing of the next one.
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         """Put ``weights`` in ``slot``; modules the adapter lacks get rank 0."""
