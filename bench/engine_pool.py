@@ -80,10 +80,11 @@ async def pool_case(engine, batch: int, prompts, run_case, *, root: Path, args) 
     t = time.perf_counter()
     write_pool(model, root, pool=args.pool, files=args.pool_files, rank=model.max_rank)
     written_s = time.perf_counter() - t
+    spent, timed = _stage_timer()
     store = AdapterStore(
         LocalDirSource(root),
         HostCache(args.pool_host_cache_gib << 30, pin_memory=model.device.type == "cuda"),
-        lambda path: load_adapter(path, dtype=model.dtype),
+        timed("parse", lambda path: load_adapter(path, dtype=model.dtype)),
         max_rank=model.max_rank,
         max_concurrent_builds=args.pool_load_concurrency,
     )
@@ -91,41 +92,45 @@ async def pool_case(engine, batch: int, prompts, run_case, *, root: Path, args) 
         model, store, model.num_slots, slot_bytes=model.lora_bytes_per_slot(), wait_timeout_s=600
     )
     chosen = random.Random(0).sample(range(args.pool), batch)
-    spent = _time_stages(model, store)
+    store.host_cache.prepare = timed("pack", store.host_cache.prepare)
+    model.set_lora = timed("set_lora", model.set_lora)  # undone below: the engine outlives us
     rows = []
-    for phase in ("cold", "warm"):
-        loads0 = slots.loads
-        t0 = time.perf_counter()
-        leases = [None] * batch
+    try:
+        for phase in ("cold", "warm"):
+            loads0 = slots.loads
+            t0 = time.perf_counter()
+            leases = [None] * batch
 
-        async def plan(i: int, leases=leases) -> list[tuple[int, float]]:
-            leases[i] = await slots.acquire([AdapterKey(f"p{chosen[i]}", 1)])
-            return [(leases[i].indices[0], 1.0)]
+            async def plan(i: int, leases=leases) -> list[tuple[int, float]]:
+                leases[i] = await slots.acquire([AdapterKey(f"p{chosen[i]}", 1)])
+                return [(leases[i].indices[0], 1.0)]
 
-        r = await run_case(engine, batch, plan, prompts, t0=t0)
-        for lease in leases:
-            lease.release()
-        rows.append(
-            {
-                "case": f"{batch}_of_{args.pool}_registered_{phase}",
-                "pool": args.pool,
-                "pool_weight_files": args.pool_files,
-                "load_concurrency": args.pool_load_concurrency,
-                "pool_written_s": round(written_s, 1),
-                "swap_ins": slots.loads - loads0,
-                **r,
-                # summed over the loads (they overlap): parse, pack + pin, slot write (with
-                # its wait for the step lock)
-                **{f"{k}_s_sum": round(v, 2) for k, v in spent.items()},
-            }
-        )
-        spent.update(dict.fromkeys(spent, 0.0))
+            r = await run_case(engine, batch, plan, prompts, t0=t0)
+            for lease in leases:
+                lease.release()
+            rows.append(
+                {
+                    "case": f"{batch}_of_{args.pool}_registered_{phase}",
+                    "pool": args.pool,
+                    "pool_weight_files": args.pool_files,
+                    "load_concurrency": args.pool_load_concurrency,
+                    "pool_written_s": round(written_s, 1),
+                    "swap_ins": slots.loads - loads0,
+                    **r,
+                    # summed over the loads (they overlap): parse, pack + pin, slot write (with
+                    # its wait for the step lock)
+                    **{f"{k}_s_sum": round(v, 2) for k, v in spent.items()},
+                }
+            )
+            spent.update(dict.fromkeys(spent, 0.0))
+    finally:
+        del model.set_lora
     rows.append(swap_cost(model, store, AdapterKey(f"p{chosen[0]}", 1)))
     return rows
 
 
-def _time_stages(model, store: AdapterStore) -> dict[str, float]:
-    """Wrap the adapter path's three stages to sum their wall time (bench instrumentation)."""
+def _stage_timer():
+    """(sums, wrap): ``wrap(name, fn)`` adds each call's wall time to ``sums[name]``."""
     spent = {"parse": 0.0, "pack": 0.0, "set_lora": 0.0}
 
     def timed(name, fn):
@@ -138,10 +143,7 @@ def _time_stages(model, store: AdapterStore) -> dict[str, float]:
 
         return run
 
-    store._load_fn = timed("parse", store._load_fn)
-    store.host_cache.prepare = timed("pack", store.host_cache.prepare)
-    model.set_lora = timed("set_lora", model.set_lora)
-    return spent
+    return spent, timed
 
 
 def swap_cost(model, store: AdapterStore, key: AdapterKey, reps: int = 10) -> dict:
