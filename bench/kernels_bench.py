@@ -1,6 +1,6 @@
 """Benchmark of the LoRA kernels against the base projection and two torch baselines.
 
-    python bench/kernels_bench.py [--out results.jsonl] [--quick]
+    python bench/kernels_bench.py [--out results.jsonl] [--quick] [--tokens T ...] [--k K ...]
 
 Prints one JSON line per case, then a summary table. Cases: Llama-2-7B projections
 (4096->4096, 4096->11008), bf16, rank 16, tokens {1,16,64,256,1024,4096} x distinct adapters
@@ -10,6 +10,9 @@ triton.testing.do_bench (L2 flushed before every call), all measured in the same
 - base_ms: the base projection (cuBLAS, F.linear) that the delta rides on;
 - delta_ms: add_lora (shrink + expand), eager; delta_graph_ms: the same replayed from a CUDA
   graph (what a graph-captured decode step pays); shrink_ms / expand_ms: each kernel alone;
+- branch_graph_ms: linear_add_lora (the base projection with the shrink on a branch beside it,
+  as the engine's captured decode steps run) in a graph; branch_marginal_ms: that minus
+  F.linear alone in a graph (linear_graph_ms); ratio_branch: the one over the other;
 - gather_bmm_ms and loop_ms: torch baselines (gather A/B per token + bmm; one sub-batch per
   adapter, PEFT style), K=1 only;
 - bytes: x read + y read and written + the distinct adapters' A and B; bound_ms: bytes over the
@@ -32,7 +35,14 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import add_lora, build_lora_meta, lora_expand, lora_shrink  # noqa: E402
+from kernels import (  # noqa: E402
+    add_lora,
+    build_lora_meta,
+    linear_add_lora,
+    lora_expand,
+    lora_shrink,
+    overlapped,
+)
 from kernels._bench import (  # noqa: E402
     ADAPTERS,
     SHAPES,
@@ -109,6 +119,14 @@ def run_case(
         out["base_graph_ms"] = graph_ms(base, rep=rep)
         out["base_lora_graph_ms"] = graph_ms(lambda: (base(), run()), rep=rep)
         out["marginal_ms"] = out["base_lora_graph_ms"] - out["base_graph_ms"]
+        # The same with the shrink on a branch beside the GEMM (linear_add_lora, as the
+        # engine's captured decode steps run it), over F.linear alone.
+        lin = lambda: linear_add_lora(p.x, w_base, None, *lora)  # noqa: E731
+        with overlapped():
+            out["branch_graph_ms"] = graph_ms(lin, rep=rep)
+        out["linear_graph_ms"] = graph_ms(lambda: F.linear(p.x, w_base), rep=rep)
+        out["branch_marginal_ms"] = out["branch_graph_ms"] - out["linear_graph_ms"]
+        out["ratio_branch"] = max(out["branch_marginal_ms"], 1e-6) / out["linear_graph_ms"]
     if k == 1:
         idx, scale, groups = baseline_inputs(p)
         out["gather_bmm_ms"] = bench_ms(lambda: gather_bmm(p, idx, scale), rep=rep)
@@ -144,6 +162,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="also write the JSON lines here")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="token counts")
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 2], help="adapters per token")
     args = ap.parse_args()
     rep = 20 if args.quick else 50
     head = {
@@ -157,10 +177,10 @@ def main() -> None:
     print(json.dumps(lines[-1]), flush=True)
     for in_f, out_f in SHAPES:
         w = torch.randn(out_f, in_f, device="cuda").to(torch.bfloat16)
-        for t in TOKENS:
+        for t in args.tokens:
             x = torch.randn(t, in_f, device="cuda").to(torch.bfloat16)
             base_ms = bench_ms(lambda x=x, w=w: F.linear(x, w), rep=rep)
-            for k in (1, 2):
+            for k in args.k:
                 for d in sorted({min(d, t * k) for d in ADAPTERS}):
                     if k > d:
                         continue
@@ -189,26 +209,33 @@ def summary(lines: list[dict]) -> None:
     print(
         f"\ncopy bandwidth {lines[0]['GBps']:.0f} GB/s; times in us. base: cuBLAS eager; bgr: "
         "cuBLAS in a graph; marg: graph(base + add_lora) - graph(base); alone: graph(add_lora); "
-        "/base = marg/bgr; /bnd = marg/bytes bound; alone/b = alone/base"
+        "/base = marg/bgr; /bnd = marg/bytes bound; alone/b = alone/base; brch: "
+        "graph(linear_add_lora, shrink beside the GEMM) - graph(F.linear); /b(br) = brch/linear"
     )
     print(
         f"{'out':>5} {'T':>4} {'D':>2} {'K':>1} {'mode':>4} {'base':>6} {'bgr':>6} {'marg':>6} "
-        f"{'alone':>6} {'nopdl':>6} {'shr':>5} {'exp':>5} {'eager':>6} {'cpu':>4} {'/base':>5} "
-        f"{'alone/b':>7} {'/bnd':>5} {'GB/s':>5} {'gath':>5} {'loop':>6} {'K2/K1':>5} {'err':>7}"
+        f"{'alone':>6} {'brch':>6} {'/b(br)':>6} {'nopdl':>6} {'shr':>5} {'exp':>5} {'eager':>6} {'cpu':>4} {'/base':>5} "
+        f"{'alone/b':>7} {'/bnd':>5} {'GB/s':>5} {'gath':>5} {'loop':>6} {'K2/K1':>5} {'K2br':>5} {'err':>7}"
     )
     for v in lines[1:]:
         one = k1.get((v["out"], v["tokens"], v["adapters"]))
         k2 = v["marginal_ms"] / one["marginal_ms"] if v["k"] == 2 and one else float("nan")
+        k2b = (
+            v["branch_marginal_ms"] / max(one["branch_marginal_ms"], 1e-6)
+            if v["k"] == 2 and one
+            else float("nan")
+        )
         print(
             f"{v['out']:>5} {v['tokens']:>4} {v['adapters']:>2} {v['k']:>1} {v['mode'][:4]:>4} "
             f"{v['base_ms'] * 1e3:6.1f} {v['base_graph_ms'] * 1e3:6.1f} "
             f"{v['marginal_ms'] * 1e3:6.1f} {v['delta_graph_ms'] * 1e3:6.1f} "
+            f"{v['branch_marginal_ms'] * 1e3:6.1f} {v['ratio_branch']:6.2f} "
             f"{v['delta_graph_nopdl_ms'] * 1e3:6.1f} {v['shrink_graph_ms'] * 1e3:5.1f} "
             f"{v['expand_graph_ms'] * 1e3:5.1f} {v['delta_ms'] * 1e3:6.1f} "
             f"{v['eager_cpu_us']:4.0f} {v['ratio_base']:5.2f} {v['ratio_alone']:7.2f} "
             f"{v['ratio_bound']:5.2f} {v['GBps']:5.0f} "
             f"{v.get('gather_bmm_ratio', float('nan')):5.2f} "
-            f"{v.get('loop_ratio', float('nan')):6.1f} {k2:5.2f} {v['rel_err']:7.1e}"
+            f"{v.get('loop_ratio', float('nan')):6.1f} {k2:5.2f} {k2b:5.2f} {v['rel_err']:7.1e}"
         )
 
 

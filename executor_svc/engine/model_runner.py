@@ -26,8 +26,9 @@ from executor_svc.engine.sampler import sample
 from executor_svc.engine.scheduler import ScheduledBatch
 from executor_svc.engine.sequence import Sequence
 from executor_svc.model.context import PrefillChunk, StepContext
+from executor_svc.model.layers.fused_ops import silu_and_mul
 from executor_svc.model.llama import CausalLM
-from kernels import LoraBatchMeta, build_lora_meta
+from kernels import LoraBatchMeta, build_lora_meta, overlapped
 from kernels._launch import compile_only
 from kernels.config import token_buckets
 from kernels.metadata import MAX_K
@@ -238,9 +239,13 @@ class ModelRunner:
         try:
             with compile_only():
                 self._run_lora_variants(sizes)
+                with overlapped():  # what the captured decode graphs launch
+                    self._run_lora_variants(self.graph_sizes)
         except Exception:  # the launching pass below compiles whatever is missing, in turn
             log.exception("parallel compile of the LoRA kernels failed; compiling in turn")
         calls = self._run_lora_variants(sizes)
+        with overlapped():
+            calls += self._run_lora_variants(self.graph_sizes)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return calls
@@ -261,8 +266,14 @@ class ModelRunner:
                         slots, weights, self.model.num_slots, self.device, mode=mode
                     )
                     for proj, x in zip(projections, xs, strict=True):
-                        proj(x, meta)
+                        if proj is layer.qkv_proj:  # as DecoderLayer.forward calls them
+                            proj(x, meta)
+                        else:
+                            proj.forward_beside(x, meta)
                         calls += 1
+            gate_up = torch.zeros(t, 2 * layer.down_proj.in_features, dtype=xs[0].dtype)
+            gate_up = gate_up.to(self.device)
+            silu_and_mul(gate_up, gate_up)  # the variant that adds the gate/up delta
         return calls
 
     # -- CUDA graphs for decode steps ----------------------------------------------------------
@@ -297,8 +308,9 @@ class ModelRunner:
                         mode=GRAPH_META_MODE,
                     )
                 ctx = self._graph_ctx(b, meta)
-                for _ in range(2):  # compile the Triton kernels outside the capture
-                    self._graph_body(b, ctx)
+                with overlapped():  # compile the Triton kernels outside the capture
+                    for _ in range(2):
+                        self._graph_body(b, ctx)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):

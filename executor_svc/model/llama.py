@@ -96,15 +96,21 @@ class DecoderLayer(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(ctx.positions, q, k)
         a = self.attn(q, k, v, kv_cache, ctx).reshape(t, self.q_size)
-        x = x + self.o_proj(a, ctx.lora)
+        # The o, gate/up and down deltas are added by the ops that consume the projections
+        # (the residual adds, the SiLU-and-mul), so that their kernels run beside the GEMMs
+        # of a captured step (kernels.linear_beside_lora). x, this layer's own residual
+        # stream, takes the o and down deltas in place.
+        o, x = self.o_proj.forward_beside(a, ctx.lora, into=x)
+        x = x + o
         h = self.post_attention_layernorm(x)
-        gate_up = self.gate_up_proj(h, ctx.lora)
+        gate_up, delta = self.gate_up_proj.forward_beside(h, ctx.lora)
         if gate_up.is_cuda:
-            act = silu_and_mul(gate_up)
+            act = silu_and_mul(gate_up, delta)
         else:
-            gate, up = gate_up.chunk(2, dim=-1)
+            gate, up = (gate_up if delta is None else gate_up + delta).chunk(2, dim=-1)
             act = F.silu(gate) * up
-        return x + self.down_proj(act, ctx.lora)
+        down, x = self.down_proj.forward_beside(act, ctx.lora, into=x)
+        return x + down
 
 
 class CausalLM(nn.Module):

@@ -64,6 +64,13 @@ def test_fused_ops_equal_torch():
     torch.testing.assert_close(fused_ops.rms_norm(x, w, 1e-6), ref, atol=1e-5, rtol=1e-5)
     gu = torch.randn(5, 2 * 37, generator=g)
     torch.testing.assert_close(fused_ops.silu_and_mul(gu), F.silu(gu[:, :37]) * gu[:, 37:])
+    d = torch.randn(5, 2 * 37, generator=g)  # a gate/up LoRA delta kept apart
+    both = gu + d
+    torch.testing.assert_close(
+        fused_ops.silu_and_mul(gu, d), F.silu(both[:, :37]) * both[:, 37:], atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="d must match"):
+        fused_ops.silu_and_mul(gu, d[:, :37])
     qkv = torch.randn(5, 3 * 3 * 16, generator=g)
     q = qkv[:, : 3 * 16].view(5, 3, 16)  # strided view, as in the model
     pos = torch.tensor([0, 4, 9, 2, 7])

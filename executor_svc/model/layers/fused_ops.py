@@ -119,13 +119,20 @@ def rope(
 
 
 @triton.jit
-def _silu_mul_kernel(X, Y, stride_x, stride_y, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(
+    X, D, Y, stride_x, stride_d, stride_y, n, BLOCK: tl.constexpr, ADD: tl.constexpr
+):
     row = tl.program_id(0)
     blk = tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
     g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(X + row * stride_x + n + cols, mask=mask, other=0.0)
+    if ADD:  # x + d, rounded as the sum would be if it were stored first
+        dg = tl.load(D + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
+        g = (g + dg).to(Y.dtype.element_ty).to(tl.float32)
+        du = tl.load(D + row * stride_d + n + cols, mask=mask, other=0.0).to(tl.float32)
+        u = (u.to(tl.float32) + du).to(Y.dtype.element_ty)
     act = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty)
     tl.store(Y + row * stride_y + cols, act * u, mask=mask)
 
@@ -133,17 +140,28 @@ def _silu_mul_kernel(X, Y, stride_x, stride_y, n, BLOCK: tl.constexpr):
 _launch_silu_mul = Launcher(_silu_mul_kernel)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, 2n] = [gate | up] -> silu(gate) * up, [T, n]."""
+def silu_and_mul(x: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [T, 2n] = [gate | up] -> silu(gate) * up, [T, n]; with d ([T, 2n], a LoRA delta the
+    gate/up projection left apart: kernels.linear_beside_lora), of x + d."""
     t, n2 = x.shape
     n = n2 // 2
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    if d is not None and (d.shape != x.shape or d.dtype != x.dtype or d.stride(1) != 1):
+        raise ValueError(f"silu_and_mul: d must match x {list(x.shape)} {x.dtype}")
     block = 1024
     if t:
         _launch_silu_mul(
             (t, triton.cdiv(n, block)),
-            (x, y, x.stride(0), y.stride(0), n),
-            {"BLOCK": block},
+            (
+                x,
+                x if d is None else d,
+                y,
+                x.stride(0),
+                0 if d is None else d.stride(0),
+                y.stride(0),
+                n,
+            ),
+            {"BLOCK": block, "ADD": d is not None},
             {"num_warps": 4},
         )
     return y

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from executor_svc.model.layers.lora_ops import apply_lora
+from executor_svc.model.layers.lora_ops import linear_beside_delta, linear_with_lora
 from executor_svc.model.lora_slots import SiteViews
 from kernels import LoraBatchMeta
 
@@ -57,8 +57,23 @@ class LoRALinear(nn.Module):
         target.data[rows].copy_(tensor)
 
     def forward(self, x: torch.Tensor, lora: LoraBatchMeta | None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         v = self.slots
-        if lora is not None and v is not None:
-            apply_lora(y, x, v.lora_a, v.lora_b, v.ranks, v.scales, lora)
-        return y
+        if lora is None or v is None:
+            return F.linear(x, self.weight, self.bias)
+        return linear_with_lora(
+            x, self.weight, self.bias, v.lora_a, v.lora_b, v.ranks, v.scales, lora
+        )
+
+    def forward_beside(
+        self, x: torch.Tensor, lora: LoraBatchMeta | None, into: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x W^T + b, into + LoRA delta)`` for a consumer that adds the two (a residual add,
+        the SiLU-and-mul): kept apart, the delta's kernels run beside the GEMM in a captured
+        step instead of after it. ``into`` is updated in place; None gets a new zero tensor,
+        or stays None when the step has no adapters here."""
+        v = self.slots
+        if lora is None or v is None:
+            return F.linear(x, self.weight, self.bias), into
+        return linear_beside_delta(
+            x, self.weight, self.bias, v.lora_a, v.lora_b, v.ranks, v.scales, lora, into
+        )

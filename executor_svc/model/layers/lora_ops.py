@@ -1,6 +1,6 @@
 """Backend dispatch for the LoRA delta of one projection (the role of vLLM's punica_wrapper).
 
-On CUDA the Triton kernels (:func:`kernels.add_lora`) run; on CPU a vectorised torch path
+On CUDA the Triton kernels (:func:`kernels.linear_add_lora`) run; on CPU a vectorised torch path
 (gather + two einsums) computes the same thing: the kernels' own reference
 (:func:`kernels.add_lora_ref`) is a per-token loop and too slow for whole forward passes,
 so this path is tested against it instead (tests/executor/test_model_lora_ops.py).
@@ -19,8 +19,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from kernels import LoraBatchMeta, add_lora
+from kernels import LoraBatchMeta, linear_add_lora, linear_beside_lora
 
 
 def add_lora_torch(
@@ -49,17 +50,41 @@ def add_lora_torch(
         off += out_s
 
 
-def apply_lora(
-    y: torch.Tensor,
+def linear_with_lora(
     x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
     lora_a: Sequence[torch.Tensor],
     lora_b: Sequence[torch.Tensor],
     ranks: torch.Tensor,
     scales: torch.Tensor,
     meta: LoraBatchMeta,
-) -> None:
-    """Add the step's LoRA deltas to ``y`` in place, on the device's best path."""
-    if y.is_cuda:
-        add_lora(y, x, lora_a, lora_b, ranks, scales, meta)
-    else:
-        add_lora_torch(y, x, lora_a, lora_b, scales, meta)
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` plus the step's LoRA deltas, on the device's best path
+    (on CUDA, captured in a graph, the shrink runs beside the base GEMM)."""
+    if x.is_cuda:
+        return linear_add_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta)
+    y = F.linear(x, weight, bias)
+    add_lora_torch(y, x, lora_a, lora_b, scales, meta)
+    return y
+
+
+def linear_beside_delta(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: LoraBatchMeta,
+    into: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F.linear(x, weight, bias), into + delta)``, ``into`` updated in place (None: zeros);
+    on CUDA, captured in a graph, the delta's kernels run beside the base GEMM."""
+    if x.is_cuda:
+        return linear_beside_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta, into)
+    if into is None:
+        into = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    add_lora_torch(into, x, lora_a, lora_b, scales, meta)
+    return F.linear(x, weight, bias), into
