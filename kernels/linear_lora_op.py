@@ -116,35 +116,29 @@ def linear_beside_lora(
     meta: LoraBatchMeta,
     into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The base projection, and the LoRA delta added into ``into``: ``(y, into)``.
+    """The base projection and the LoRA delta, for a caller that adds them: ``(y, into)``.
 
     Semantics:
-        y = x @ weight.T + bias
-        if into is None:
-            into = zeros like y
-        for t in range(num_tokens):
-            for (slot, w) in plan[t]:
-                for s in range(n_slices):
-                    r = ranks[s, slot]
-                    into[t, off_s:off_s + out_s] += (w * scales[s, slot]
-                        * (x[t] @ A[s][slot, :r].T) @ B[s][slot, :, :r].T)
-        return y, into
+        delta[t, off_s:off_s + out_s] = sum over (slot, w) in plan[t] of
+            w * scales[s, slot] * (x[t] @ A[s][slot, :r].T) @ B[s][slot, :, :r].T
+        returns (y, into) with y + into == x @ weight.T + bias + delta + into_before
+        (into_before = 0 where into is None)
 
-    ``into`` ([T, sum(out_s)], x's dtype) is updated in place. Under CUDA graph capture (or
-    within :func:`overlapped`) the shrink and the expand run on a side stream while the GEMM
-    runs; the calling stream waits for both before anything queued after the return, so the
-    caller adds ``y`` and ``into`` with nothing of the LoRA left between the GEMM and it.
+    Where the delta lands depends on whether the call branches. Under CUDA graph capture (or
+    within :func:`overlapped`) shrink and expand run on a side stream while the GEMM runs, and
+    add the delta into ``into`` ([T, sum(out_s)], x's dtype; in place, or a new zero tensor
+    when None); the calling stream waits for both before anything queued after the return,
+    so nothing of the LoRA is left between the GEMM and the caller's add. Otherwise the delta
+    goes into y, as :func:`kernels.add_lora` does (no zeroed buffer to write and read back),
+    and ``into`` is returned as given, possibly None.
     """
-    t, n = x.shape[0], weight.shape[0]
+    if not _branching(x, meta):  # one stream: the delta goes into y, as add_lora does
+        y = F.linear(x, weight, bias)
+        add_lora(y, x, lora_a, lora_b, ranks, scales, meta)
+        return y, into
     fresh = into is None
     if fresh:  # allocated on the calling stream: only it reuses the block
-        into = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    if not _branching(x, meta):
-        if fresh:
-            into.zero_()
-        y = F.linear(x, weight, bias)
-        add_lora(into, x, lora_a, lora_b, ranks, scales, meta)
-        return y, into
+        into = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device)
     side.wait_stream(main)  # x, into and the metadata are written on main

@@ -67,10 +67,10 @@ class LoRALinear(nn.Module):
     def forward_beside(
         self, x: torch.Tensor, lora: LoraBatchMeta | None, into: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(x W^T + b, into + LoRA delta)`` for a consumer that adds the two (a residual add,
-        the SiLU-and-mul): kept apart, the delta's kernels run beside the GEMM in a captured
-        step instead of after it. ``into`` is updated in place; None gets a new zero tensor,
-        or stays None when the step has no adapters here."""
+        """``(y, into)`` for a consumer that adds the two (a residual add, the SiLU-and-mul):
+        their sum is x W^T + b plus the LoRA delta (plus ``into``). In a captured step the
+        delta's kernels run beside the GEMM and add into ``into`` (in place; None gets a new
+        tensor); otherwise the delta is in y and ``into`` comes back as given (maybe None)."""
         v = self.slots
         if lora is None or v is None:
             return F.linear(x, self.weight, self.bias), into

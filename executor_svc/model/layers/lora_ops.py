@@ -80,11 +80,9 @@ def linear_beside_delta(
     meta: LoraBatchMeta,
     into: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(F.linear(x, weight, bias), into + delta)``, ``into`` updated in place (None: zeros);
-    on CUDA, captured in a graph, the delta's kernels run beside the base GEMM."""
+    """``(y, into)`` whose sum is the projection plus its LoRA delta (plus ``into``): on CUDA,
+    captured in a graph, the delta's kernels run beside the base GEMM and add into ``into``
+    (see kernels.linear_beside_lora); elsewhere the delta goes into y."""
     if x.is_cuda:
         return linear_beside_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta, into)
-    if into is None:
-        into = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    add_lora_torch(into, x, lora_a, lora_b, scales, meta)
-    return F.linear(x, weight, bias), into
+    return linear_with_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta), into
