@@ -10,13 +10,10 @@ triton.testing.do_bench (L2 flushed before every call), all measured in the same
 - base_ms: the base projection (cuBLAS, F.linear) that the delta rides on;
 - delta_ms: add_lora (shrink + expand), eager; delta_graph_ms: the same replayed from a CUDA
   graph (what a graph-captured decode step pays); shrink_ms / expand_ms: each kernel alone;
-- branch_graph_ms: linear_add_lora (the base projection with the shrink on a branch beside it,
-  as the engine's captured decode steps run) in a graph; branch_marginal_ms: that minus
-  F.linear alone in a graph (linear_graph_ms); ratio_branch: the one over the other;
 - beside_graph_ms: linear_beside_lora (shrink and expand both beside the GEMM, the delta
   added into a residual that the consumer adds) plus that add, in a graph;
   beside_marginal_ms: that minus F.linear + the same add (linear_add_graph_ms); ratio_beside:
-  over linear_graph_ms;
+  over F.linear alone in a graph (linear_graph_ms);
 - gather_bmm_ms and loop_ms: torch baselines (gather A/B per token + bmm; one sub-batch per
   adapter, PEFT style), K=1 only;
 - bytes: x read + y read and written + the distinct adapters' A and B; bound_ms: bytes over the
@@ -42,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import (  # noqa: E402
     add_lora,
     build_lora_meta,
-    linear_add_lora,
     linear_beside_lora,
     lora_expand,
     lora_shrink,
@@ -124,17 +120,10 @@ def run_case(
         out["base_graph_ms"] = graph_ms(base, rep=rep)
         out["base_lora_graph_ms"] = graph_ms(lambda: (base(), run()), rep=rep)
         out["marginal_ms"] = out["base_lora_graph_ms"] - out["base_graph_ms"]
-        # The same with the shrink on a branch beside the GEMM (linear_add_lora, as the
-        # engine's captured decode steps run it), over F.linear alone.
-        lin = lambda: linear_add_lora(p.x, w_base, None, *lora)  # noqa: E731
-        with overlapped():
-            out["branch_graph_ms"] = graph_ms(lin, rep=rep)
+        # Shrink and expand beside the GEMM, the delta added by the projection's consumer
+        # (linear_beside_lora into a residual stream, as the engine's captured decode steps
+        # run the o and down projections), over the same consumer without adapters.
         out["linear_graph_ms"] = graph_ms(lambda: F.linear(p.x, w_base), rep=rep)
-        out["branch_marginal_ms"] = out["branch_graph_ms"] - out["linear_graph_ms"]
-        out["ratio_branch"] = max(out["branch_marginal_ms"], 1e-6) / out["linear_graph_ms"]
-        # Shrink and expand both beside the GEMM, the delta added by the projection's consumer
-        # (linear_beside_lora into a residual stream, as the engine's o and down projections
-        # run), over the same consumer without adapters.
         resid = torch.zeros_like(p.y)
 
         def beside():
@@ -228,13 +217,12 @@ def summary(lines: list[dict]) -> None:
     print(
         f"\ncopy bandwidth {lines[0]['GBps']:.0f} GB/s; times in us. base: cuBLAS eager; bgr: "
         "cuBLAS in a graph; marg: graph(base + add_lora) - graph(base); alone: graph(add_lora); "
-        "/base = marg/bgr; /bnd = marg/bytes bound; alone/b = alone/base; brch: "
-        "graph(linear_add_lora, shrink beside the GEMM) - graph(F.linear); /b(br) = brch/linear; "
+        "/base = marg/bgr; /bnd = marg/bytes bound; alone/b = alone/base; "
         "bsid: graph(linear_beside_lora + add) - graph(F.linear + add); /b(bs) = bsid/linear"
     )
     print(
         f"{'out':>5} {'T':>4} {'D':>2} {'K':>1} {'mode':>4} {'base':>6} {'bgr':>6} {'marg':>6} "
-        f"{'alone':>6} {'brch':>6} {'/b(br)':>6} {'bsid':>6} {'/b(bs)':>6} {'nopdl':>6} {'shr':>5} {'exp':>5} {'eager':>6} {'cpu':>4} {'/base':>5} "
+        f"{'alone':>6} {'bsid':>6} {'/b(bs)':>6} {'nopdl':>6} {'shr':>5} {'exp':>5} {'eager':>6} {'cpu':>4} {'/base':>5} "
         f"{'alone/b':>7} {'/bnd':>5} {'GB/s':>5} {'gath':>5} {'loop':>6} {'K2/K1':>5} {'K2bs':>5} {'err':>7}"
     )
     for v in lines[1:]:
@@ -249,7 +237,6 @@ def summary(lines: list[dict]) -> None:
             f"{v['out']:>5} {v['tokens']:>4} {v['adapters']:>2} {v['k']:>1} {v['mode'][:4]:>4} "
             f"{v['base_ms'] * 1e3:6.1f} {v['base_graph_ms'] * 1e3:6.1f} "
             f"{v['marginal_ms'] * 1e3:6.1f} {v['delta_graph_ms'] * 1e3:6.1f} "
-            f"{v['branch_marginal_ms'] * 1e3:6.1f} {v['ratio_branch']:6.2f} "
             f"{v['beside_marginal_ms'] * 1e3:6.1f} {v['ratio_beside']:6.2f} "
             f"{v['delta_graph_nopdl_ms'] * 1e3:6.1f} {v['shrink_graph_ms'] * 1e3:5.1f} "
             f"{v['expand_graph_ms'] * 1e3:5.1f} {v['delta_ms'] * 1e3:6.1f} "

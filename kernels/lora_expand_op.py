@@ -88,7 +88,6 @@ def _lora_expand_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
-    Y_EARLY: tl.constexpr,
 ):
     tile = tile_offset + tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
@@ -118,12 +117,10 @@ def _lora_expand_kernel(
         offs_r = tl.arange(0, RANK_CHUNK)
         h_rows = h_ptr + s * stride_hs + tok[:, None] * stride_ht + col0 * R_MAX
         # y and B do not depend on the shrink: with programmatic dependent launch (PDL) they
-        # are requested before waiting for the shrink's grid, so their latency overlaps it;
-        # unless the predecessor is the base GEMM, which writes y (Y_EARLY off).
+        # are requested before waiting for the shrink's grid, so their latency overlaps it.
         y_tile = y_ptr + tok[:, None] * stride_yt + (col_off + offs_n)[None, :]
         y_mask = row_ok[:, None] & n_ok[None, :]
-        if Y_EARLY:
-            y_old = tl.load(y_tile, mask=y_mask, other=0.0)
+        y_old = tl.load(y_tile, mask=y_mask, other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         # One dot per adapter of the tile: with a scalar slot, B's rows are contiguous along r
         # and its loads 16 bytes wide (a stacked, gathered tile's are not).
@@ -158,11 +155,10 @@ def _lora_expand_kernel(
                     acc += tl.dot(hs, bt.to(tl.float32), input_precision=DOT_PRECISION)
                 else:
                     acc += tl.dot(hs.to(bt.dtype), bt, input_precision=DOT_PRECISION)
-        if not Y_EARLY:
-            if USE_PDL:
-                gdc_wait()
-            y_old = tl.load(y_tile, mask=y_mask, other=0.0)
-        tl.store(y_tile, (y_old.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+        # The delta is rounded to y's dtype before it is added, as PEFT adds its lora_B output;
+        # a delta kept in a buffer of its own (kernels.linear_beside_lora) then sums the same.
+        delta = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(y_tile, (y_old.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
     if USE_PDL:  # idle programs too: this grid never completes before the shrink's
         gdc_wait()
 
@@ -180,7 +176,6 @@ def lora_expand(
     *,
     config: dict | None = None,
     pdl: bool | None = None,
-    y_early: bool = True,
 ) -> None:
     """Up-project, weight, scale and add into y, in place, for every slice.
 
@@ -205,9 +200,6 @@ def lora_expand(
         config: launch parameters overriding the tuned ones (BLOCK_N, num_warps, num_stages).
         pdl: launch as a programmatic dependent of the previous kernel (the shrink), so that
             y and B are fetched while the shrink finishes; default: on Hopper and newer.
-        y_early: with PDL, read y before waiting for the predecessor: only right when the
-            predecessor does not write y (the shrink). False when it is the base projection
-            (:func:`kernels.linear_add_lora`): y is then read after the wait.
     """
     check_meta(meta, y.device, "lora_expand")
     check_operands(y, lora_b, ranks, "lora_expand")
@@ -286,7 +278,6 @@ def lora_expand(
                     UPCAST=INTERPRET,
                     DOT_PRECISION=dot_precision(y.dtype),
                     USE_PDL=pdl and tile_offset == 0,
-                    Y_EARLY=y_early,
                 ),
                 launch_options(y.device, cfg, dependent=pdl and tile_offset == 0),
             )

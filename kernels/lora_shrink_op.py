@@ -147,7 +147,6 @@ def lora_shrink(
     meta: LoraBatchMeta,
     *,
     config: dict | None = None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Down-project every (token, adapter) pair; returns split-K partial sums.
 
@@ -167,9 +166,6 @@ def lora_shrink(
         meta: the step's :class:`LoraBatchMeta` (on x's device).
         config: launch parameters overriding the tuned ones (BLOCK_K, SPLIT_K, num_warps,
             num_stages).
-        out: write into this buffer (from :func:`shrink_buffer`, same x, A, meta and config)
-            instead of a new one; a caller that runs the shrink on another stream allocates it
-            on its own stream, so the caching allocator orders its reuse there.
 
     Returns:
         [num_splits, n_slices, T, max_k, r_max] float32 partial sums over ``in``; entries of
@@ -183,14 +179,13 @@ def lora_shrink(
         raise ValueError(f"lora_shrink: x must be [T, {in_features}] with contiguous rows")
     if any(a.shape != lora_a[0].shape or a.stride() != lora_a[0].stride() for a in lora_a):
         raise ValueError("lora_shrink: all A slices must share shape and strides")
-    cfg, block_k, k_per_split, num_splits = _split(x, in_features, config)
-    shape = (num_splits, n_slices, t, meta.max_k, r_max)
-    if out is None:
-        h = torch.empty(shape, dtype=torch.float32, device=x.device)
-    elif out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"lora_shrink: out must be a contiguous float32 {list(shape)} tensor")
-    else:
-        h = out
+    cfg = config or kernel_config("shrink", t, in_features, x.device)
+    block_k = min(cfg["BLOCK_K"], max(16, next_pow2(in_features)))
+    k_per_split = cdiv(cdiv(in_features, cfg["SPLIT_K"]), block_k) * block_k
+    num_splits = cdiv(in_features, k_per_split)
+    h = torch.empty(
+        num_splits, n_slices, t, meta.max_k, r_max, dtype=torch.float32, device=x.device
+    )
     if meta.num_active == 0 or meta.grid_tiles == 0:
         return h
     kp, chunk = rank_chunk(r_max, meta.tile_k)
@@ -239,25 +234,3 @@ def lora_shrink(
             launch_options(x.device, cfg),
         )
     return h
-
-
-def _split(x: torch.Tensor, in_features: int, config: dict | None) -> tuple[dict, int, int, int]:
-    """(config, BLOCK_K, K per split, number of splits) for x's token count."""
-    cfg = config or kernel_config("shrink", x.shape[0], in_features, x.device)
-    block_k = min(cfg["BLOCK_K"], max(16, next_pow2(in_features)))
-    k_per_split = cdiv(cdiv(in_features, cfg["SPLIT_K"]), block_k) * block_k
-    return cfg, block_k, k_per_split, cdiv(in_features, k_per_split)
-
-
-def shrink_buffer(
-    x: torch.Tensor,
-    lora_a: Sequence[torch.Tensor],
-    meta: LoraBatchMeta,
-    *,
-    config: dict | None = None,
-) -> torch.Tensor:
-    """An uninitialised ``out`` for :func:`lora_shrink` with these arguments, on x's stream."""
-    n_slices, (_, r_max, in_features) = len(lora_a), lora_a[0].shape
-    num_splits = _split(x, in_features, config)[3]
-    shape = (num_splits, n_slices, x.shape[0], meta.max_k, r_max)
-    return torch.empty(shape, dtype=torch.float32, device=x.device)

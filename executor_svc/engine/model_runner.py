@@ -26,7 +26,6 @@ from executor_svc.engine.sampler import sample
 from executor_svc.engine.scheduler import ScheduledBatch
 from executor_svc.engine.sequence import Sequence
 from executor_svc.model.context import PrefillChunk, StepContext
-from executor_svc.model.layers.fused_ops import silu_and_mul
 from executor_svc.model.llama import CausalLM
 from kernels import LoraBatchMeta, build_lora_meta, overlapped
 from kernels._launch import compile_only
@@ -266,14 +265,8 @@ class ModelRunner:
                         slots, weights, self.model.num_slots, self.device, mode=mode
                     )
                     for proj, x in zip(projections, xs, strict=True):
-                        if proj is layer.qkv_proj:  # as DecoderLayer.forward calls them
-                            proj(x, meta)
-                        else:
-                            proj.forward_beside(x, meta)
+                        proj.forward_beside(x, meta)  # as DecoderLayer.forward calls them
                         calls += 1
-            gate_up = torch.zeros(t, 2 * layer.down_proj.in_features, dtype=xs[0].dtype)
-            gate_up = gate_up.to(self.device)
-            silu_and_mul(gate_up, gate_up)  # the variant that adds the gate/up delta
         return calls
 
     # -- CUDA graphs for decode steps ----------------------------------------------------------

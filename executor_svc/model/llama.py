@@ -88,18 +88,26 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache, ctx: StepContext) -> torch.Tensor:
         t = x.shape[0]
+        # In a captured step each projection's LoRA delta is added by the ops that consume
+        # the projection (RoPE and the value copy, the residual adds, the SiLU-and-mul), so
+        # that the delta's kernels run beside the GEMMs (kernels.linear_beside_lora); in
+        # eager steps the deltas come back inside the projections. x, this layer's own
+        # residual stream, takes the o and down deltas in place.
         h = self.input_layernorm(x)
-        qkv = self.qkv_proj(h, ctx.lora)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv, delta = self.qkv_proj.forward_beside(h, ctx.lora)
+        sizes = [self.q_size, self.kv_size, self.kv_size]
+        q, k, v = qkv.split(sizes, dim=-1)
+        dq = dk = None
+        if delta is not None:
+            dq, dk, dv = delta.split(sizes, dim=-1)
+            dq = dq.view(t, self.num_heads, self.head_dim)
+            dk = dk.view(t, self.num_kv_heads, self.head_dim)
+            v = v + dv
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(ctx.positions, q, k)
+        q, k = self.rotary(ctx.positions, q, k, dq, dk)
         a = self.attn(q, k, v, kv_cache, ctx).reshape(t, self.q_size)
-        # The o, gate/up and down deltas are added by the ops that consume the projections
-        # (the residual adds, the SiLU-and-mul), so that their kernels run beside the GEMMs
-        # of a captured step (kernels.linear_beside_lora). x, this layer's own residual
-        # stream, takes the o and down deltas in place.
         o, x = self.o_proj.forward_beside(a, ctx.lora, into=x)
         x = x + o
         h = self.post_attention_layernorm(x)

@@ -78,3 +78,8 @@ def test_fused_ops_equal_torch():
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
     ref = _rotate(q, cos[pos].unsqueeze(1), sin[pos].unsqueeze(1))
     torch.testing.assert_close(fused_ops.rope(q, pos, cos, sin), ref, atol=1e-5, rtol=1e-5)
+    dq = torch.randn(5, 3 * 3 * 16, generator=g)[:, 16 : 4 * 16].view(5, 3, 16)  # a delta view
+    ref = _rotate(q + dq, cos[pos].unsqueeze(1), sin[pos].unsqueeze(1))
+    torch.testing.assert_close(fused_ops.rope(q, pos, cos, sin, dq), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="d must match"):
+        fused_ops.rope(q, pos, cos, sin, dq[:, :2])

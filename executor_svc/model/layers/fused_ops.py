@@ -52,12 +52,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @triton.jit
 def _rope_kernel(
     X,
+    D,
     Out,
     COS,
     SIN,
     POS,
     stride_xt,
     stride_xh,
+    stride_dt,
+    stride_dh,
     stride_ot,
     stride_oh,
     stride_c,
@@ -65,6 +68,7 @@ def _rope_kernel(
     HALF: tl.constexpr,
     HP: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    ADD: tl.constexpr,
 ):
     t = tl.program_id(0)
     p = tl.load(POS + t)
@@ -78,6 +82,12 @@ def _rope_kernel(
     base = X + t * stride_xt + h[:, None] * stride_xh + d[None, :]
     x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF, mask=m, other=0.0).to(tl.float32)
+    if ADD:  # x + d, rounded as the sum would be if it were stored first
+        dbase = D + t * stride_dt + h[:, None] * stride_dh + d[None, :]
+        d1 = tl.load(dbase, mask=m, other=0.0).to(tl.float32)
+        d2 = tl.load(dbase + HALF, mask=m, other=0.0).to(tl.float32)
+        x1 = (x1 + d1).to(Out.dtype.element_ty).to(tl.float32)
+        x2 = (x2 + d2).to(Out.dtype.element_ty).to(tl.float32)
     ob = Out + t * stride_ot + h[:, None] * stride_oh + d[None, :]
     tl.store(ob, (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=m)
     tl.store(ob + HALF, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=m)
@@ -87,31 +97,44 @@ _launch_rope = Launcher(_rope_kernel)
 
 
 def rope(
-    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    d: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x: [T, H, D] (any token/head strides, unit last stride); cos/sin: [max_pos, D] fp32."""
-    t, h, d = x.shape
-    out = torch.empty(t, h, d, dtype=x.dtype, device=x.device)
+    """x: [T, H, D] (any token/head strides, unit last stride); cos/sin: [max_pos, D] fp32.
+    With d (x's shape and dtype, any token/head strides: a LoRA delta the qkv projection
+    left apart, kernels.linear_beside_lora), rotates x + d."""
+    t, h, hd = x.shape
+    if d is not None and (d.shape != x.shape or d.dtype != x.dtype or d.stride(2) != 1):
+        raise ValueError(f"rope: d must match x {list(x.shape)} {x.dtype}, unit last stride")
+    dd = x if d is None else d
+    out = torch.empty(t, h, hd, dtype=x.dtype, device=x.device)
     if t:
         _launch_rope(
             (t,),
             (
                 x,
+                dd,
                 out,
                 cos,
                 sin,
                 positions,
                 x.stride(0),
                 x.stride(1),
+                dd.stride(0),
+                dd.stride(1),
                 out.stride(0),
                 out.stride(1),
                 cos.stride(0),
                 h,
             ),
             {
-                "HALF": d // 2,
-                "HP": triton.next_power_of_2(d // 2),
+                "HALF": hd // 2,
+                "HP": triton.next_power_of_2(hd // 2),
                 "BLOCK_H": triton.next_power_of_2(h),
+                "ADD": d is not None,
             },
             {"num_warps": 4},
         )

@@ -1,6 +1,6 @@
 """Backend dispatch for the LoRA delta of one projection (the role of vLLM's punica_wrapper).
 
-On CUDA the Triton kernels (:func:`kernels.linear_add_lora`) run; on CPU a vectorised torch path
+On CUDA the Triton kernels (:func:`kernels.add_lora`, :func:`kernels.linear_beside_lora`) run; on CPU a vectorised torch path
 (gather + two einsums) computes the same thing: the kernels' own reference
 (:func:`kernels.add_lora_ref`) is a per-token loop and too slow for whole forward passes,
 so this path is tested against it instead (tests/executor/test_model_lora_ops.py).
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels import LoraBatchMeta, linear_add_lora, linear_beside_lora
+from kernels import LoraBatchMeta, add_lora, linear_beside_lora
 
 
 def add_lora_torch(
@@ -60,12 +60,12 @@ def linear_with_lora(
     scales: torch.Tensor,
     meta: LoraBatchMeta,
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` plus the step's LoRA deltas, on the device's best path
-    (on CUDA, captured in a graph, the shrink runs beside the base GEMM)."""
-    if x.is_cuda:
-        return linear_add_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta)
+    """``F.linear(x, weight, bias)`` plus the step's LoRA deltas, on the device's best path."""
     y = F.linear(x, weight, bias)
-    add_lora_torch(y, x, lora_a, lora_b, scales, meta)
+    if x.is_cuda:
+        add_lora(y, x, lora_a, lora_b, ranks, scales, meta)
+    else:
+        add_lora_torch(y, x, lora_a, lora_b, scales, meta)
     return y
 
 

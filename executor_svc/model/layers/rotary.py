@@ -41,10 +41,23 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T] int64. Returns rotated (q, k)."""
+    def forward(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        dq: torch.Tensor | None = None,
+        dk: torch.Tensor | None = None,
+    ):
+        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T] int64. Returns rotated (q, k), of
+        q + dq and k + dk where given (LoRA deltas kept apart: the kernel adds them)."""
         if q.is_cuda:
-            return (rope(q, positions, self.cos, self.sin), rope(k, positions, self.cos, self.sin))
+            return (
+                rope(q, positions, self.cos, self.sin, dq),
+                rope(k, positions, self.cos, self.sin, dk),
+            )
+        q = q if dq is None else q + dq
+        k = k if dk is None else k + dk
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
