@@ -10,9 +10,8 @@ makes 256 LoRA launches, and spent 70 ms of host time in them (docs/benchmarks.m
 under a key built from the same facts Triton specialises on, cheaply: each pointer's dtype and
 alignment, the exact value of each specialised int, the 32/64-bit range of the others, the
 constexprs and the launch options. Later calls with an equal key launch the compiled kernel
-directly, through its C launcher (``CompiledKernel.run``, what ``CompiledKernel[grid]`` calls,
-minus its per-call closure and hook lookups; with a profiler's launch hook set, through
-``CompiledKernel[grid]`` itself). Where a key could be wrong it only has more entries than
+directly (``CompiledKernel[grid]``, Triton's launcher for an already compiled kernel), which
+costs what the C launcher costs. Where a key could be wrong it only has more entries than
 Triton's cache, never fewer: two calls share a variant only when Triton would pick the same.
 
 :func:`compile_only` makes launchers compile without launching, on a thread pool when the
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import operator
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,12 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from kernels._common import INTERPRET
-
-try:  # Triton's launch hooks (profilers set them); with one set, launches take Triton's path
-    from triton import knobs
-except ImportError:  # an older Triton
-    knobs = None
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 # LORASERVE_KERNELS_FAST_LAUNCH=0 sends every launch through Triton's own path.
 FAST = not INTERPRET and os.environ.get("LORASERVE_KERNELS_FAST_LAUNCH", "1") != "0"
@@ -60,8 +52,7 @@ class Launcher:
             raise TypeError(f"{fn.__name__}: constexprs must follow the runtime arguments")
         # ints Triton does not specialise on (do_not_specialize): only their width matters
         self.unspecialized = {names.index(n) for n in unspecialized}
-        self.compiled: dict[tuple, tuple] = {}  # key -> (kernel, run, function, metadata)
-        self._split = None  # (tensors, specialised ints, unspecialised ints) getters
+        self.compiled: dict[tuple, object] = {}
 
     def __call__(self, grid: tuple[int, ...], args: tuple, constexprs: dict, options: dict):
         """``fn[grid](*args, **constexprs, **options)``, directly after a variant's first call."""
@@ -77,55 +68,30 @@ class Launcher:
             return
         values = tuple(constexprs[n] for n in self.constexpr_names)
         key = self._key(args, values, options)
-        entry = self.compiled.get(key)
-        if entry is None:
+        kernel = self.compiled.get(key)
+        if kernel is None:
             kernel = self.fn[grid](*args, **constexprs, **options)
             if type(kernel).__name__ == "FutureKernel":  # compiled asynchronously: finished now
                 kernel = kernel.result()
             if kernel is not None and hasattr(kernel, "run"):
-                kernel._init_handles()
-                self.compiled[key] = (kernel, kernel.run, kernel.function, kernel.packed_metadata)
+                self.compiled[key] = kernel
             return
-        kernel, run, function, metadata = entry
-        g = (*grid, 1, 1)
-        if _raw_stream is None or knobs is None or knobs.runtime.launch_enter_hook is not None:
-            kernel[g[:3]](*args, *values)
-            return
-        # What CompiledKernel[grid](...) does, without its per-call closure and hook lookups.
-        stream = _raw_stream(torch.cuda.current_device())
-        run(g[0], g[1], g[2], stream, function, metadata, None, None, None, *args, *values)
+        grid = (*grid, 1, 1)[:3] if len(grid) < 3 else grid
+        kernel[grid](*args, *values)
 
     def _key(self, args: tuple, constexpr_values: tuple, options: dict) -> tuple:
-        """What Triton picks a variant by; ``constexpr_values`` in declaration order.
-
-        Which arguments are tensors is learnt from the first call (the wrappers pass the same
-        kinds every time); a call that breaks the pattern fails loudly (no ``dtype`` on an int)
-        or only misses the cache (a tensor where an int was hashes by identity)."""
-        if self._split is None:
-            tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-            unspec = [i for i in self.unspecialized if i not in tensors]
-            ints = [i for i in range(len(args)) if i not in tensors and i not in unspec]
-            self._split = tuple(_getter(idx) for idx in (tensors, ints, unspec))
-        tensors, ints, unspec = (get(args) for get in self._split)
-        return (
-            constexpr_values,
-            tuple(options.values()),
-            tuple(options),
-            tuple((t.dtype, t.data_ptr() & 15 == 0) for t in tensors),
-            ints,
-            tuple((_I32[0] <= a <= _I32[1], a >= 2**63) for a in unspec),  # i32, i64, u64
-            torch.cuda.current_device() if FAST else None,
-        )
-
-
-def _getter(indices: list[int]):
-    """args -> the tuple of args at ``indices`` (operator.itemgetter, always a tuple)."""
-    if not indices:
-        return lambda args: ()
-    if len(indices) == 1:
-        i = indices[0]
-        return lambda args: (args[i],)
-    return operator.itemgetter(*indices)
+        """What Triton picks a variant by; ``constexpr_values`` in declaration order."""
+        key: list = [constexpr_values, tuple(options.values()), tuple(options)]
+        append, tensor, unspecialized = key.append, torch.Tensor, self.unspecialized
+        for i, a in enumerate(args):
+            if isinstance(a, tensor):
+                append((a.dtype, a.data_ptr() & 15 == 0))
+            elif i in unspecialized:  # Triton's int widths: i32, i64, u64
+                append((_I32[0] <= a <= _I32[1], a >= 2**63))
+            else:
+                append(a)
+        append(torch.cuda.current_device() if FAST else None)
+        return tuple(key)
 
 
 @contextlib.contextmanager
