@@ -116,6 +116,7 @@ async def run_case(engine: Engine, batch: int, plans, prompts, *, t0: float | No
         return n
 
     steps = {"eager": [0, 0.0], "graph": [0, 0.0]}
+    eager_steps: list[tuple[int, float]] = []  # (tokens, seconds) of each eager step
     execute = engine.runner.execute
 
     def timed(batch_, **kw):  # time spent in the runner per step kind
@@ -123,9 +124,13 @@ async def run_case(engine: Engine, batch: int, plans, prompts, *, t0: float | No
         try:
             return execute(batch_, **kw)
         finally:
-            kind = steps["graph" if all(n == 1 for _, n in batch_.entries) else "eager"]
+            dt = time.perf_counter() - t
+            eager = not all(n == 1 for _, n in batch_.entries)
+            kind = steps["eager" if eager else "graph"]
             kind[0] += 1
-            kind[1] += time.perf_counter() - t
+            kind[1] += dt
+            if eager:
+                eager_steps.append((sum(n for _, n in batch_.entries), round(dt, 4)))
 
     engine.runner.execute = timed
     t0 = t0 or time.perf_counter()
@@ -145,6 +150,7 @@ async def run_case(engine: Engine, batch: int, plans, prompts, *, t0: float | No
         # steps with prefill tokens (eager) and pure decode steps: count, seconds in the runner
         "eager_steps": steps["eager"][0],
         "eager_s": round(steps["eager"][1], 3),
+        "eager_each_s": eager_steps,  # (tokens, seconds) per eager step
         "decode_steps": steps["graph"][0],
         "decode_s": round(steps["graph"][1], 3),
     }
