@@ -91,8 +91,8 @@ class DecoderLayer(nn.Module):
         # In a captured step each projection's LoRA delta is added by the ops that consume
         # the projection (RoPE and the value copy, the residual adds, the SiLU-and-mul), so
         # that the delta's kernels run beside the GEMMs (kernels.linear_beside_lora); in
-        # eager steps the deltas come back inside the projections. x, this layer's own
-        # residual stream, takes the o and down deltas in place.
+        # eager steps the qkv and gate/up deltas come back inside the projections. x, this
+        # layer's own residual stream, takes the o and down deltas in place, in both.
         h = self.input_layernorm(x)
         qkv, delta = self.qkv_proj.forward_beside(h, ctx.lora)
         sizes = [self.q_size, self.kv_size, self.kv_size]

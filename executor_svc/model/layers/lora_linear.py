@@ -68,9 +68,9 @@ class LoRALinear(nn.Module):
         self, x: torch.Tensor, lora: LoraBatchMeta | None, into: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(y, into)`` for a consumer that adds the two (a residual add, the SiLU-and-mul):
-        their sum is x W^T + b plus the LoRA delta (plus ``into``). In a captured step the
-        delta's kernels run beside the GEMM and add into ``into`` (in place; None gets a new
-        tensor); otherwise the delta is in y and ``into`` comes back as given (maybe None)."""
+        their sum is x W^T + b plus the LoRA delta (plus ``into``). The delta goes into
+        ``into`` (in place) when given; when None, into y (None comes back) or, in a captured
+        step, into a new buffer, its kernels then running beside the GEMM."""
         v = self.slots
         if lora is None or v is None:
             return F.linear(x, self.weight, self.bias), into

@@ -1,7 +1,7 @@
 """Backend dispatch for the LoRA delta of one projection (the role of vLLM's punica_wrapper).
 
-On CUDA the Triton kernels (:func:`kernels.add_lora`, :func:`kernels.linear_beside_lora`) run; on CPU a vectorised torch path
-(gather + two einsums) computes the same thing: the kernels' own reference
+On CUDA the Triton kernels (:func:`kernels.add_lora`, :func:`kernels.linear_beside_lora`) run;
+on CPU a vectorised torch path (gather + two einsums) computes the same thing: the kernels' own reference
 (:func:`kernels.add_lora_ref`) is a per-token loop and too slow for whole forward passes,
 so this path is tested against it instead (tests/executor/test_model_lora_ops.py).
 
@@ -79,10 +79,14 @@ def linear_beside_delta(
     scales: torch.Tensor,
     meta: LoraBatchMeta,
     into: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, into)`` whose sum is the projection plus its LoRA delta (plus ``into``): on CUDA,
-    captured in a graph, the delta's kernels run beside the base GEMM and add into ``into``
-    (see kernels.linear_beside_lora); elsewhere the delta goes into y."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(y, into)`` whose sum is the projection plus its LoRA delta (plus ``into``): the delta
+    goes into ``into`` when given, else into y (None comes back), or, on CUDA captured in a
+    graph, into a new buffer (its kernels then run beside the base GEMM; see
+    kernels.linear_beside_lora)."""
     if x.is_cuda:
         return linear_beside_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta, into)
-    return linear_with_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta), into
+    if into is None:
+        return linear_with_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta), None
+    add_lora_torch(into, x, lora_a, lora_b, scales, meta)
+    return F.linear(x, weight, bias), into
