@@ -80,17 +80,22 @@ def test_linear_beside_lora_sums_to_the_projection_plus_the_delta(
 def test_captured_branches_replay_with_new_plans(mode: str) -> None:
     """Captured, the LoRA kernels are a branch beside the GEMM; replays with new plans are exact."""
     dev, dtype = torch.device("cuda"), torch.bfloat16
-    b = make_batch(
-        tokens=48,
-        in_features=1024,
-        outs=[512, 256, 256],
-        r_max=16,
-        num_slots=12,
-        k=2,
-        dtype=dtype,
-        device=dev,
-        seed=21,
-    )
+
+    def batch(seed: int, popularity: str):
+        return make_batch(
+            tokens=48,
+            in_features=1024,
+            outs=[512, 256, 256],
+            r_max=16,
+            num_slots=12,
+            k=2,
+            popularity=popularity,
+            dtype=dtype,
+            device=dev,
+            seed=seed,
+        )
+
+    b = batch(21, "uniform")
     weight, bias = _weights(b, dtype, dev)
     meta = build_lora_meta(
         b.token_slots, b.token_weights, b.num_slots, dev, pad_tiles_to=48, mode=mode
@@ -112,18 +117,7 @@ def test_captured_branches_replay_with_new_plans(mode: str) -> None:
         y, y2 = step()
     atol, rtol = DTYPES[dtype]
     for seed in (22, 23, 24):
-        new = make_batch(
-            tokens=48,
-            in_features=1024,
-            outs=[512, 256, 256],
-            r_max=16,
-            num_slots=12,
-            k=2,
-            popularity="zipf",
-            dtype=dtype,
-            device=dev,
-            seed=seed,
-        )
+        new = batch(seed, "zipf")
         meta2 = build_lora_meta(
             new.token_slots, new.token_weights, 12, dev, pad_tiles_to=48, mode=mode
         )
