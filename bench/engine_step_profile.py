@@ -7,6 +7,8 @@ Prints JSON lines, never asserts on time:
 - ``host_meta``: host time of building and staging a step's LoRA metadata;
 - ``projection``: each projection family of a layer at T tokens (qkv 3 slices, o, gate/up 2
   slices, down), CUDA graphs: the base GEMM alone and the marginal cost of add_lora on it;
+  ``beside_marginal_us``: the delta beside the GEMM, added by the consumer (as captured decode
+  steps run it), over the consumer without adapters;
 - ``prefill``: one eager prefill step (16 prompts of 128 tokens: the engine benchmark's
   2,048-token chunk budget), GPU time and host time to queue it, per case; ``prefill_calls``:
   the host cost of one eager add_lora call, and ``prefill_cprofile`` the functions that
@@ -38,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.engine_bench import llama7b_config, random_adapter  # noqa: E402
 from executor_svc.engine import Engine  # noqa: E402
 from executor_svc.model.context import PrefillChunk, StepContext  # noqa: E402
-from kernels import add_lora, build_lora_meta  # noqa: E402
+from executor_svc.model.layers.fused_ops import silu_and_mul  # noqa: E402
+from kernels import add_lora, build_lora_meta, overlapped  # noqa: E402
 from kernels._bench import graph_ms  # noqa: E402
 from kernels.lora_shrink_op import lora_shrink  # noqa: E402
 
@@ -136,6 +139,26 @@ def profile_projections(engine: Engine, batches: list[int]) -> None:
                 )
                 base = graph_ms(lambda m=m, x=x: m(x, None))
                 with_lora = graph_ms(lambda m=m, x=x, meta=meta: m(x, meta))
+                # As a captured decode step runs it: the delta beside the GEMM, added by the
+                # projection's consumer (an add stands for RoPE and the residual adds), over the
+                # same consumer without adapters.
+                other = torch.zeros(b, sum(m.out_sizes), device="cuda", dtype=torch.bfloat16)
+                if name == "gate_up_proj":
+                    plain = lambda m=m, x=x: silu_and_mul(m(x, None))  # noqa: E731
+                    beside = lambda m=m, x=x, meta=meta: silu_and_mul(  # noqa: E731
+                        *m.forward_beside(x, meta)
+                    )
+                else:
+                    into = other if name in ("o_proj", "down_proj") else None
+                    plain = lambda m=m, x=x, o=other: m(x, None) + o  # noqa: E731
+
+                    def beside(m=m, x=x, meta=meta, into=into, o=other):
+                        y, d = m.forward_beside(x, meta, into=into)
+                        return y + (o if d is None else d)
+
+                plain_ms = graph_ms(plain)
+                with overlapped():  # warm-up outside the capture as the capture runs it
+                    beside_ms = graph_ms(beside)
                 emit(
                     bench="projection",
                     batch=b,
@@ -143,6 +166,7 @@ def profile_projections(engine: Engine, batches: list[int]) -> None:
                     case=case,
                     base_us=round(base * 1e3, 1),
                     lora_marginal_us=round((with_lora - base) * 1e3, 1),
+                    beside_marginal_us=round((beside_ms - plain_ms) * 1e3, 1),
                 )
 
 
