@@ -201,6 +201,34 @@ def lora_expand(
         pdl: launch as a programmatic dependent of the previous kernel (the shrink), so that
             y and B are fetched while the shrink finishes; default: on Hopper and newer.
     """
+    pdl = pdl_supported(y.device) if pdl is None else pdl and pdl_supported(y.device)
+    key = None
+    if config is None:  # a plan per operand layout, kept on the step's meta
+        key = ("expand", y.shape, y.stride(), y.dtype, y.device, h.shape, h.stride(),
+               ranks.shape, ranks.stride(), ranks.dtype, scales.shape, scales.stride(),
+               scales.dtype, pdl, *((b.shape, b.stride(), b.dtype, b.device) for b in lora_b))  # fmt: skip
+        plan = meta.plans.get(key)
+    if key is None or plan is None:
+        plan = _plan(y, h, lora_b, ranks, scales, meta, config, pdl)
+        if key is not None:
+            meta.plans[key] = plan
+    for g0, g1, ints, passes in plan:
+        b = pad3(lora_b[g0:g1], lora_b[g0])
+        # views only past the first group: a view costs ~5 us of host time per call
+        h_g, ranks_g, scales_g = (
+            (h, ranks, scales) if g0 == 0 else (h[:, g0:], ranks[g0:], scales[g0:])
+        )
+        # One launch per pass: a token appears at most once in a pass (see kernels.metadata).
+        for grid, tile_offset, constexprs, options in passes:
+            args = (y, h_g, b[0], b[1], b[2], ranks_g, scales_g, meta.row_tokens,
+                    meta.row_weights, meta.tile_start, meta.tile_len, meta.tile_col,
+                    meta.tile_slots, tile_offset, *ints)  # fmt: skip
+            _launch_expand(grid, args, constexprs, options)
+
+
+def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool) -> list:
+    """Validate the operands and work out the launches: per slice group (g0, g1, the int
+    arguments after ``tile_offset``, [(grid, tile_offset, constexprs, options) per pass])."""
     check_meta(meta, y.device, "lora_expand")
     check_operands(y, lora_b, ranks, "lora_expand")
     n_slices, slots, r_max = len(lora_b), lora_b[0].shape[0], lora_b[0].shape[2]
@@ -220,69 +248,40 @@ def lora_expand(
     if scales.shape != ranks.shape or not scales.is_contiguous():
         raise ValueError("lora_expand: scales must be a contiguous [n_slices, slots] tensor")
     if meta.num_active == 0 or meta.grid_tiles == 0:
-        return
+        return []
     cfg = config or kernel_config("expand", y.shape[0], max(outs), y.device)
     block_n = min(cfg["BLOCK_N"], max(16, next_pow2(max(outs))))
     kp, chunk = rank_chunk(r_max, meta.tile_k)  # the shrink's chunks, which wrote h
-    pdl = pdl_supported(y.device) if pdl is None else pdl and pdl_supported(y.device)
     offs = [sum(outs[:i]) for i in range(n_slices)]
+    groups = []
     for g0, g1 in slice_groups(n_slices):
-        b = pad3(lora_b[g0:g1], lora_b[g0])
         o, f = pad3(outs[g0:g1], 0), pad3(offs[g0:g1], 0)
         sbs = pad3([x.stride(0) for x in lora_b[g0:g1]], 0)
+        ints = (*o, *f, *sbs, slots, y.stride(0), lora_b[0].stride(1), *h.stride()[:3])
         n_blocks = triton.cdiv(max(outs[g0:g1]), block_n)
-        # views only past the first group: a view costs ~5 us of host time per call
-        h_g, ranks_g, scales_g = (
-            (h, ranks, scales) if g0 == 0 else (h[:, g0:], ranks[g0:], scales[g0:])
-        )
-        tile_offset = 0
-        # One launch per pass: a token appears at most once in a pass (see kernels.metadata).
+        passes, tile_offset = [], 0
         # Only the first pass overlaps its predecessor (PDL): later passes read y before
         # their wait, and y is what the previous pass writes.
         for n_tiles in meta.pass_tiles:
             if n_tiles == 0:
                 continue
-            _launch_expand(
-                (n_tiles, n_blocks, g1 - g0),
-                (
-                    y,
-                    h_g,
-                    b[0],
-                    b[1],
-                    b[2],
-                    ranks_g,
-                    scales_g,
-                    meta.row_tokens,
-                    meta.row_weights,
-                    meta.tile_start,
-                    meta.tile_len,
-                    meta.tile_col,
-                    meta.tile_slots,
-                    tile_offset,
-                    *o,
-                    *f,
-                    *sbs,
-                    slots,
-                    y.stride(0),
-                    lora_b[0].stride(1),
-                    h.stride(0),
-                    h.stride(1),
-                    h.stride(2),
-                ),
-                dict(
-                    TILE_K=meta.tile_k,
-                    KP=kp,
-                    RANK_CHUNK=chunk,
-                    R_MAX=r_max,
-                    NUM_SPLITS=h.shape[0],
-                    BLOCK_M=meta.block_m,
-                    BLOCK_N=block_n,
-                    N_SLICES=g1 - g0,
-                    EVEN_R=r_max % chunk == 0,
-                    UPCAST=INTERPRET,
-                    DOT_PRECISION=dot_precision(y.dtype),
-                    USE_PDL=pdl and tile_offset == 0,
-                ),
-                launch_options(y.device, cfg, dependent=pdl and tile_offset == 0),
+            first = pdl and tile_offset == 0
+            constexprs = dict(
+                TILE_K=meta.tile_k,
+                KP=kp,
+                RANK_CHUNK=chunk,
+                R_MAX=r_max,
+                NUM_SPLITS=h.shape[0],
+                BLOCK_M=meta.block_m,
+                BLOCK_N=block_n,
+                N_SLICES=g1 - g0,
+                EVEN_R=r_max % chunk == 0,
+                UPCAST=INTERPRET,
+                DOT_PRECISION=dot_precision(y.dtype),
+                USE_PDL=first,
             )
+            options = launch_options(y.device, cfg, dependent=first)
+            passes.append(((n_tiles, n_blocks, g1 - g0), tile_offset, constexprs, options))
             tile_offset += n_tiles
+        groups.append((g0, g1, ints, passes))
+    return groups

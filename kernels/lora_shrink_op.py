@@ -171,6 +171,32 @@ def lora_shrink(
         [num_splits, n_slices, T, max_k, r_max] float32 partial sums over ``in``; entries of
         base-only tokens, empty (token, k) pairs and rows r >= rank are unspecified.
     """
+    pdl = pdl_supported(x.device)
+    key = None
+    if config is None:  # a plan per operand layout, kept on the step's meta
+        key = ("shrink", x.shape, x.stride(), x.dtype, x.device, ranks.shape, ranks.stride(),
+               ranks.dtype, pdl, *((a.shape, a.stride(), a.dtype, a.device) for a in lora_a))  # fmt: skip
+        plan = meta.plans.get(key)
+    if key is None or plan is None:
+        plan = _plan(x, lora_a, ranks, meta, config, pdl)
+        if key is not None:
+            meta.plans[key] = plan
+    h_shape, launches, ints = plan
+    h = torch.empty(h_shape, dtype=torch.float32, device=x.device)
+    a0 = lora_a[0]
+    for g0, g1, grid, constexprs, options in launches:
+        a = pad3(lora_a[g0:g1], a0)
+        # views only past the first group: a view costs ~5 us of host time per call
+        h_g, ranks_g = (h, ranks) if g0 == 0 else (h[:, g0:], ranks[g0:])
+        args = (x, h_g, a[0], a[1], a[2], ranks_g, meta.row_tokens, meta.tile_start,
+                meta.tile_len, meta.tile_col, meta.tile_slots, *ints)  # fmt: skip
+        _launch_shrink(grid, args, constexprs, options)
+    return h
+
+
+def _plan(x, lora_a, ranks, meta: LoraBatchMeta, config: dict | None, pdl: bool) -> tuple:
+    """Validate the operands and work out the launches: (h's shape, [(g0, g1, grid,
+    constexprs, options)], the int arguments)."""
     check_meta(meta, x.device, "lora_shrink")
     check_operands(x, lora_a, ranks, "lora_shrink")
     n_slices, (slots, r_max, in_features) = len(lora_a), lora_a[0].shape
@@ -183,56 +209,29 @@ def lora_shrink(
     block_k = min(cfg["BLOCK_K"], max(16, next_pow2(in_features)))
     k_per_split = cdiv(cdiv(in_features, cfg["SPLIT_K"]), block_k) * block_k
     num_splits = cdiv(in_features, k_per_split)
-    h = torch.empty(
-        num_splits, n_slices, t, meta.max_k, r_max, dtype=torch.float32, device=x.device
-    )
-    if meta.num_active == 0 or meta.grid_tiles == 0:
-        return h
-    kp, chunk = rank_chunk(r_max, meta.tile_k)
+    h_shape = (num_splits, n_slices, t, meta.max_k, r_max)
+    h_strides = (n_slices * t * meta.max_k * r_max, t * meta.max_k * r_max, meta.max_k * r_max)
     a0 = lora_a[0]
+    ints = (in_features, k_per_split, slots, x.stride(0), a0.stride(0), a0.stride(1), *h_strides)
+    if meta.num_active == 0 or meta.grid_tiles == 0:
+        return h_shape, [], ints
+    kp, chunk = rank_chunk(r_max, meta.tile_k)
+    launches = []
     for g0, g1 in slice_groups(n_slices):
-        a = pad3(lora_a[g0:g1], a0)
-        grid = (meta.grid_tiles, num_splits, g1 - g0)
-        # views only past the first group: a view costs ~5 us of host time per call
-        h_g, ranks_g = (h, ranks) if g0 == 0 else (h[:, g0:], ranks[g0:])
-        _launch_shrink(
-            grid,
-            (
-                x,
-                h_g,
-                a[0],
-                a[1],
-                a[2],
-                ranks_g,
-                meta.row_tokens,
-                meta.tile_start,
-                meta.tile_len,
-                meta.tile_col,
-                meta.tile_slots,
-                in_features,
-                k_per_split,
-                slots,
-                x.stride(0),
-                a0.stride(0),
-                a0.stride(1),
-                h.stride(0),
-                h.stride(1),
-                h.stride(2),
-            ),
-            dict(
-                TILE_K=meta.tile_k,
-                KP=kp,
-                RANK_CHUNK=chunk,
-                R_MAX=r_max,
-                BLOCK_M=meta.block_m,
-                BLOCK_K=block_k,
-                N_SLICES=g1 - g0,
-                EVEN_K=in_features % k_per_split == 0,
-                EVEN_R=r_max % chunk == 0,
-                UPCAST=INTERPRET,
-                DOT_PRECISION=dot_precision(x.dtype),
-                USE_PDL=pdl_supported(x.device),
-            ),
-            launch_options(x.device, cfg),
+        constexprs = dict(
+            TILE_K=meta.tile_k,
+            KP=kp,
+            RANK_CHUNK=chunk,
+            R_MAX=r_max,
+            BLOCK_M=meta.block_m,
+            BLOCK_K=block_k,
+            N_SLICES=g1 - g0,
+            EVEN_K=in_features % k_per_split == 0,
+            EVEN_R=r_max % chunk == 0,
+            UPCAST=INTERPRET,
+            DOT_PRECISION=dot_precision(x.dtype),
+            USE_PDL=pdl,
         )
-    return h
+        grid = (meta.grid_tiles, num_splits, g1 - g0)
+        launches.append((g0, g1, grid, constexprs, launch_options(x.device, cfg)))
+    return h_shape, launches, ints

@@ -56,7 +56,7 @@ Duplicated slots in one token are merged (weights summed); zero weights are drop
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -98,6 +98,9 @@ class LoraBatchMeta:
     mode: str  # "plan" or "column"
     tile_k: int  # adapters per tile: K in plan mode, 1 in column mode
     pass_tiles: tuple[int, ...]  # tiles of each expand pass, in order
+    # Launch plans of the kernels for this meta, per operand layout (validated, configured
+    # once per step and projection shape; the other layers of the step reuse them).
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:

@@ -249,3 +249,31 @@ def test_cuda_graph_capture_and_replay(mode: str) -> None:
     y_ref = b.y.clone()
     add_lora_ref(y_ref, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta2)
     assert_close(y, y_ref, atol=6e-2, rtol=2e-2, what="replayed y")
+
+
+def test_launch_plans_are_kept_per_operand_layout(device: torch.device) -> None:
+    """The second call of a step with the same operand layout reuses the launch plans kept
+    on the meta and computes the same; another layout gets plans of its own, validated."""
+    b = make_batch(
+        tokens=13, in_features=48, outs=[24, 8], r_max=8, num_slots=5, k=2, device=device
+    )
+    meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, device)
+    y_ref = b.y.clone()
+    add_lora_ref(y_ref, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
+    for _ in range(2):
+        y = b.y.clone()
+        add_lora(y, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
+        assert_close(y, y_ref, atol=1e-4, rtol=1e-4, what="y")
+        assert len(meta.plans) == 2  # one shrink and one expand plan
+    # the first slice alone: a layout of its own (other A/B lists, ranks, y width)
+    y1 = b.y[:, :24].clone()
+    y1_ref = y1.clone()
+    one = ([b.lora_a[0]], [b.lora_b[0]], b.ranks[:1].contiguous(), b.scales[:1].contiguous())
+    add_lora_ref(y1_ref, b.x, *one, meta)
+    add_lora(y1, b.x, *one, meta)
+    assert_close(y1, y1_ref, atol=1e-4, rtol=1e-4, what="y, one slice")
+    assert len(meta.plans) == 4
+    # a layout that fails validation is refused, not served from another layout's plan
+    with pytest.raises(ValueError, match="share shape"):
+        add_lora(b.y.clone(), b.x, [b.lora_a[0], b.lora_a[1][:, :4]], b.lora_b, b.ranks,
+                 b.scales, meta)  # fmt: skip
