@@ -12,7 +12,10 @@ Prints JSON lines, never asserts on time:
 - ``prefill``: one eager prefill step (16 prompts of 128 tokens: the engine benchmark's
   2,048-token chunk budget), GPU time and host time to queue it, per case; ``prefill_calls``:
   the host cost of one eager add_lora call, and ``prefill_cprofile`` the functions that
-  spend the host time of the 8-adapter step.
+  spend the host time of the 8-adapter step;
+- ``timeline``: a CUPTI trace of captured decode steps (torch.profiler over graph replays):
+  per kernel class (gemm, lora, memset, other) the summed kernel time and how much of it
+  ran beside a GEMM, and the step's span, busy time (union of kernels) and idle gaps.
 
 Compare ``graph_replay`` with the engine benchmark's decode tokens/s to see the host's share
 of a step.
@@ -99,6 +102,109 @@ def profile_graphs(engine: Engine, batches: list[int]) -> None:
                     tiles=host.num_tiles,
                     ms=round(replay_ms(g.graph), 3),
                 )
+
+
+def _kernel_class(name: str) -> str:
+    if "lora" in name:
+        return "lora"
+    if any(k in name for k in ("gemm", "nvjet", "cutlass", "sm90_", "sm80_", "cublas")):
+        return "gemm"
+    return "other"
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _overlap(span: tuple[float, float], union: list[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(span[1], b) - max(span[0], a)) for a, b in union)
+
+
+def profile_timeline(engine: Engine, batches: list[int], replays: int = 5) -> None:
+    """Kernel time per class in a captured decode step, and how much of it hides beside GEMMs."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = engine.runner
+    for b in batches:
+        for case in ("no_adapter", "8_distinct"):
+            if case == "no_adapter":
+                g = runner.graphs[(b, 0, 0)]
+            else:
+                slots, weights = plans_for(case, b)
+                host = build_lora_meta(
+                    torch.from_numpy(slots),
+                    torch.from_numpy(weights),
+                    engine.model.num_slots,
+                    torch.device("cpu"),
+                    block_m=runner.graphs[(b, 1, b)].meta.block_m,
+                    pad_tiles_to=runner.tile_pads[b],
+                    mode="plan",
+                )
+                g = runner.graphs[(b, 1, host.grid_tiles)]
+                runner.send_meta(g, host)
+            for _ in range(3):
+                g.graph.replay()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(replays):
+                    g.graph.replay()
+                    torch.cuda.synchronize()
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                prof.export_chrome_trace(f.name)
+                trace = json.loads(Path(f.name).read_text())
+            kernels = [
+                (e["ts"], e["ts"] + e["dur"], e.get("cat", ""), e.get("name", ""))
+                for e in trace.get("traceEvents", [])
+                if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")
+            ]
+            if not kernels:
+                emit(bench="timeline", batch=b, case=case, error="no kernels traced")
+                continue
+            kernels.sort()
+            # replays are separated by host syncs: split at gaps > 50 us
+            steps, cur = [], [kernels[0]]
+            for k in kernels[1:]:
+                if k[0] - max(c[1] for c in cur[-8:]) > 50:
+                    steps.append(cur)
+                    cur = []
+                cur.append(k)
+            steps.append(cur)
+            rows = []
+            for step in steps:
+                gemm_union = _union([(a, e) for a, e, _, n in step if _kernel_class(n) == "gemm"])
+                busy = _union([(a, e) for a, e, _, _ in step])
+                span = step[-1][1] - step[0][0]
+                row = {"span_us": span, "busy_us": sum(e - a for a, e in busy)}
+                for cls in ("gemm", "lora", "memset", "other"):
+                    ks = [
+                        (a, e)
+                        for a, e, cat, n in step
+                        if (cls == "memset" and cat == "gpu_memset")
+                        or (cat == "kernel" and _kernel_class(n) == cls)
+                    ]
+                    row[f"{cls}_n"] = len(ks)
+                    row[f"{cls}_us"] = sum(e - a for a, e in ks)
+                    if cls != "gemm":
+                        row[f"{cls}_beside_gemm_us"] = sum(_overlap(s, gemm_union) for s in ks)
+                rows.append(row)
+            med = {k: round(statistics.median(r[k] for r in rows), 1) for k in rows[0]}
+            emit(bench="timeline", batch=b, case=case, steps=len(rows), **med)
+            lora = {}
+            for step in steps[len(steps) // 2 : len(steps) // 2 + 1]:
+                for a, e, _, n in step:
+                    if _kernel_class(n) == "lora":
+                        lora.setdefault(n[:40], []).append(e - a)
+            for n, ds in lora.items():
+                emit(bench="timeline_lora_kernel", batch=b, case=case, name=n, n=len(ds),
+                     mean_us=round(statistics.mean(ds), 2), max_us=round(max(ds), 2))  # fmt: skip
 
 
 def profile_host(engine: Engine, batches: list[int]) -> None:
@@ -257,6 +363,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--only", nargs="+", default=["graphs", "host", "projections", "prefill"])
+    # also: timeline (a CUPTI trace of decode graph replays)
     args = ap.parse_args()
     engine = Engine(
         None,
@@ -285,6 +392,7 @@ async def main() -> None:
         ("host", profile_host),
         ("projections", profile_projections),
         ("prefill", lambda e, _b: profile_prefill(e)),
+        ("timeline", profile_timeline),
     ):
         if part in args.only:
             fn(engine, args.batches)

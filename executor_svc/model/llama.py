@@ -89,24 +89,24 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, kv_cache, ctx: StepContext) -> torch.Tensor:
         t = x.shape[0]
         # In a captured step each projection's LoRA delta is added by the ops that consume
-        # the projection (RoPE and the value copy, the residual adds, the SiLU-and-mul), so
-        # that the delta's kernels run beside the GEMMs (kernels.linear_beside_lora); in
+        # the projection (the RoPE launch, v's delta too; the residual adds; the SiLU-and-mul),
+        # so that the delta's kernels run beside the GEMMs (kernels.linear_beside_lora); in
         # eager steps the qkv and gate/up deltas come back inside the projections. x, this
         # layer's own residual stream, takes the o and down deltas in place, in both.
         h = self.input_layernorm(x)
         qkv, delta = self.qkv_proj.forward_beside(h, ctx.lora)
         sizes = [self.q_size, self.kv_size, self.kv_size]
         q, k, v = qkv.split(sizes, dim=-1)
-        dq = dk = None
+        dq = dk = dv = None
         if delta is not None:
             dq, dk, dv = delta.split(sizes, dim=-1)
             dq = dq.view(t, self.num_heads, self.head_dim)
             dk = dk.view(t, self.num_kv_heads, self.head_dim)
-            v = v + dv
+            dv = dv.view(t, self.num_kv_heads, self.head_dim)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(ctx.positions, q, k, dq, dk)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.rotary(ctx.positions, q, k, v, dq, dk, dv)
         a = self.attn(q, k, v, kv_cache, ctx).reshape(t, self.q_size)
         o, x = self.o_proj.forward_beside(a, ctx.lora, into=x)
         x = x + o

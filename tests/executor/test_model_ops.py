@@ -71,15 +71,24 @@ def test_fused_ops_equal_torch():
     )
     with pytest.raises(ValueError, match="d must match"):
         fused_ops.silu_and_mul(gu, d[:, :37])
-    qkv = torch.randn(5, 3 * 3 * 16, generator=g)
-    q = qkv[:, : 3 * 16].view(5, 3, 16)  # strided view, as in the model
+    # rope_qkv: q (3 heads), k and v (2 heads each) as strided views of one fused qkv row
+    qkv = torch.randn(5, 7 * 16, generator=g)
+    q, k, v = (x.view(5, -1, 16) for x in qkv.split([48, 32, 32], dim=-1))
     pos = torch.tensor([0, 4, 9, 2, 7])
     ang = torch.rand(12, 8, generator=g) * 6
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    ref = _rotate(q, cos[pos].unsqueeze(1), sin[pos].unsqueeze(1))
-    torch.testing.assert_close(fused_ops.rope(q, pos, cos, sin), ref, atol=1e-5, rtol=1e-5)
-    dq = torch.randn(5, 3 * 3 * 16, generator=g)[:, 16 : 4 * 16].view(5, 3, 16)  # a delta view
-    ref = _rotate(q + dq, cos[pos].unsqueeze(1), sin[pos].unsqueeze(1))
-    torch.testing.assert_close(fused_ops.rope(q, pos, cos, sin, dq), ref, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="d must match"):
-        fused_ops.rope(q, pos, cos, sin, dq[:, :2])
+    c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+    qo, ko, vo = fused_ops.rope_qkv(q, k, v, pos, cos, sin)
+    torch.testing.assert_close(qo, _rotate(q, c, s), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ko, _rotate(k, c, s), atol=1e-5, rtol=1e-5)
+    assert vo is v
+    delta = torch.randn(5, 7 * 16, generator=g)  # the qkv LoRA delta, kept apart
+    dq, dk, dv = (x.view(5, -1, 16) for x in delta.split([48, 32, 32], dim=-1))
+    qo, ko, vo = fused_ops.rope_qkv(q, k, v, pos, cos, sin, dq, dk, dv)
+    torch.testing.assert_close(qo, _rotate(q + dq, c, s), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ko, _rotate(k + dk, c, s), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vo, v + dv, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="each delta must match"):
+        fused_ops.rope_qkv(q, k, v, pos, cos, sin, dq[:, :2], dk, dv)
+    with pytest.raises(ValueError, match="together"):
+        fused_ops.rope_qkv(q, k, v, pos, cos, sin, dq, dk)

@@ -50,95 +50,140 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_kernel(
-    X,
-    D,
-    Out,
-    COS,
-    SIN,
-    POS,
-    stride_xt,
-    stride_xh,
-    stride_dt,
-    stride_dh,
-    stride_ot,
-    stride_oh,
-    stride_c,
-    n_heads,
-    HALF: tl.constexpr,
-    HP: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    ADD: tl.constexpr,
-):
-    t = tl.program_id(0)
-    p = tl.load(POS + t)
+def _rotate_heads(
+    X, D, Out, t, cos, sin, sxt, sxh, sdt, sdh, sot, soh, n_heads,
+    HALF: tl.constexpr, HP: tl.constexpr, BLOCK_H: tl.constexpr, ADD: tl.constexpr,
+):  # fmt: skip
+    """Row t of x [T, H, 2 * HALF] (+ d) rotated into Out; fp32 inside, rounded once."""
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, HP)
-    hm = h < n_heads
-    dm = d < HALF
-    m = hm[:, None] & dm[None, :]
-    cos = tl.load(COS + p * stride_c + d, mask=dm, other=0.0)[None, :]
-    sin = tl.load(SIN + p * stride_c + d, mask=dm, other=0.0)[None, :]
-    base = X + t * stride_xt + h[:, None] * stride_xh + d[None, :]
+    m = (h < n_heads)[:, None] & (d < HALF)[None, :]
+    base = X + t * sxt + h[:, None] * sxh + d[None, :]
     x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF, mask=m, other=0.0).to(tl.float32)
     if ADD:  # x + d, rounded as the sum would be if it were stored first
-        dbase = D + t * stride_dt + h[:, None] * stride_dh + d[None, :]
+        dbase = D + t * sdt + h[:, None] * sdh + d[None, :]
         d1 = tl.load(dbase, mask=m, other=0.0).to(tl.float32)
         d2 = tl.load(dbase + HALF, mask=m, other=0.0).to(tl.float32)
         x1 = (x1 + d1).to(Out.dtype.element_ty).to(tl.float32)
         x2 = (x2 + d2).to(Out.dtype.element_ty).to(tl.float32)
-    ob = Out + t * stride_ot + h[:, None] * stride_oh + d[None, :]
+    ob = Out + t * sot + h[:, None] * soh + d[None, :]
     tl.store(ob, (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=m)
     tl.store(ob + HALF, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=m)
 
 
-_launch_rope = Launcher(_rope_kernel)
+@triton.jit
+def _rope_qkv_kernel(
+    Q, K, V, DQ, DK, DV, QO, KO, VO, COS, SIN, POS,
+    sqt, sqh, skt, skh, svt, sdqt, sdqh, sdkt, sdkh, sdvt, sqot, sqoh, skot, skoh, svot,
+    stride_c, n_q, n_kv,
+    HALF: tl.constexpr, HP: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+    BLOCK_V: tl.constexpr, ADD: tl.constexpr, V_ADD: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    p = tl.load(POS + t)
+    d = tl.arange(0, HP)
+    cos = tl.load(COS + p * stride_c + d, mask=d < HALF, other=0.0)[None, :]
+    sin = tl.load(SIN + p * stride_c + d, mask=d < HALF, other=0.0)[None, :]
+    _rotate_heads(Q, DQ, QO, t, cos, sin, sqt, sqh, sdqt, sdqh, sqot, sqoh, n_q,
+                  HALF, HP, BLOCK_HQ, ADD)  # fmt: skip
+    _rotate_heads(K, DK, KO, t, cos, sin, skt, skh, sdkt, sdkh, skot, skoh, n_kv,
+                  HALF, HP, BLOCK_HKV, ADD)  # fmt: skip
+    if V_ADD:  # v + dv (the value projection's LoRA delta), heads contiguous in a row
+        c = tl.arange(0, BLOCK_V)
+        cm = c < n_kv * 2 * HALF
+        v = tl.load(V + t * svt + c, mask=cm, other=0.0).to(tl.float32)
+        dv = tl.load(DV + t * sdvt + c, mask=cm, other=0.0).to(tl.float32)
+        tl.store(VO + t * svot + c, (v + dv).to(VO.dtype.element_ty), mask=cm)
 
 
-def rope(
-    x: torch.Tensor,
+_launch_rope_qkv = Launcher(_rope_qkv_kernel)
+
+
+def rope_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     positions: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    d: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x: [T, H, D] (any token/head strides, unit last stride); cos/sin: [max_pos, D] fp32.
-    With d (x's shape and dtype, any token/head strides: a LoRA delta the qkv projection
-    left apart, kernels.linear_beside_lora), rotates x + d."""
-    t, h, hd = x.shape
-    if d is not None and (d.shape != x.shape or d.dtype != x.dtype or d.stride(2) != 1):
-        raise ValueError(f"rope: d must match x {list(x.shape)} {x.dtype}, unit last stride")
-    dd = x if d is None else d
-    out = torch.empty(t, h, hd, dtype=x.dtype, device=x.device)
+    dq: torch.Tensor | None = None,
+    dk: torch.Tensor | None = None,
+    dv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoPE of a layer's q and k, and the value delta, in one launch (a program per token).
+
+    q: [T, Hq, D], k and v: [T, Hkv, D] (any token/head strides, unit last stride; v's heads
+    contiguous within a token: views of the fused qkv output); cos/sin: [max_pos, D] fp32.
+    dq, dk, dv (all or none; shaped and typed as q, k, v, any strides as those): a qkv LoRA
+    delta the projection left apart (kernels.linear_beside_lora). Returns (rotate(q + dq),
+    rotate(k + dk), v + dv), each sum rounded to the dtype first, as if stored; q and k
+    new contiguous tensors; v itself when dv is None.
+    """
+    t, hq, hd = q.shape
+    hkv = k.shape[1]
+    deltas = (dq, dk, dv)
+    if any(x is None for x in deltas) != all(x is None for x in deltas):
+        raise ValueError("rope_qkv: give dq, dk and dv together, or none")
+    if dq is not None and any(
+        dd.shape != x.shape or dd.dtype != x.dtype or dd.stride(2) != 1
+        for dd, x in zip(deltas, (q, k, v), strict=True)
+    ):
+        raise ValueError("rope_qkv: each delta must match its q/k/v in shape and dtype")
+    for x in (v, dv):
+        if x is not None and (x.stride(2) != 1 or x.stride(1) != hd):
+            raise ValueError("rope_qkv: v's heads must be contiguous within a token")
+    qo = torch.empty(t, hq, hd, dtype=q.dtype, device=q.device)
+    ko = torch.empty(t, hkv, hd, dtype=k.dtype, device=k.device)
+    vo = v if dv is None else torch.empty(t, hkv, hd, dtype=v.dtype, device=v.device)
     if t:
-        _launch_rope(
+        dq, dk, dv = (q, k, v) if dq is None else (dq, dk, dv)
+        _launch_rope_qkv(
             (t,),
             (
-                x,
-                dd,
-                out,
+                q,
+                k,
+                v,
+                dq,
+                dk,
+                dv,
+                qo,
+                ko,
+                vo,
                 cos,
                 sin,
                 positions,
-                x.stride(0),
-                x.stride(1),
-                dd.stride(0),
-                dd.stride(1),
-                out.stride(0),
-                out.stride(1),
+                q.stride(0),
+                q.stride(1),
+                k.stride(0),
+                k.stride(1),
+                v.stride(0),
+                dq.stride(0),
+                dq.stride(1),
+                dk.stride(0),
+                dk.stride(1),
+                dv.stride(0),
+                qo.stride(0),
+                qo.stride(1),
+                ko.stride(0),
+                ko.stride(1),
+                vo.stride(0),
                 cos.stride(0),
-                h,
-            ),
+                hq,
+                hkv,
+            ),  # fmt: skip
             {
                 "HALF": hd // 2,
                 "HP": triton.next_power_of_2(hd // 2),
-                "BLOCK_H": triton.next_power_of_2(h),
-                "ADD": d is not None,
+                "BLOCK_HQ": triton.next_power_of_2(hq),
+                "BLOCK_HKV": triton.next_power_of_2(hkv),
+                "BLOCK_V": triton.next_power_of_2(hkv * hd),
+                "ADD": deltas[0] is not None,
+                "V_ADD": deltas[0] is not None,
             },
             {"num_warps": 4},
         )
-    return out
+    return qo, ko, vo
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from executor_svc.model.config import ModelConfig
-from executor_svc.model.layers.fused_ops import rope
+from executor_svc.model.layers.fused_ops import rope_qkv
 
 
 def _inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -46,21 +46,22 @@ class RotaryEmbedding(nn.Module):
         positions: torch.Tensor,
         q: torch.Tensor,
         k: torch.Tensor,
+        v: torch.Tensor,
         dq: torch.Tensor | None = None,
         dk: torch.Tensor | None = None,
+        dv: torch.Tensor | None = None,
     ):
-        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T] int64. Returns rotated (q, k), of
-        q + dq and k + dk where given (LoRA deltas kept apart: the kernel adds them)."""
+        """q: [T, Hq, D], k and v: [T, Hkv, D]; positions: [T] int64. Returns rotated (q, k)
+        and v, of q + dq, k + dk and v + dv where given (a qkv LoRA delta kept apart: the
+        CUDA path adds it inside its one launch)."""
         if q.is_cuda:
-            return (
-                rope(q, positions, self.cos, self.sin, dq),
-                rope(k, positions, self.cos, self.sin, dk),
-            )
+            return rope_qkv(q, k, v, positions, self.cos, self.sin, dq, dk, dv)
         q = q if dq is None else q + dq
         k = k if dk is None else k + dk
+        v = v if dv is None else v + dv
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
