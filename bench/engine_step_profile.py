@@ -71,6 +71,25 @@ def plans_for(case: str, b: int) -> tuple[np.ndarray, np.ndarray]:
     return slots, np.ones((b, 1), np.float32)
 
 
+def decode_graph(engine: Engine, case: str, b: int, pads: list[int]):
+    """The captured decode step of batch b for ``case``'s plans, their metadata sent to it:
+    (the graph, the host metadata); ``pads`` the tile-count buckets to pad to."""
+    runner = engine.runner
+    slots, weights = plans_for(case, b)
+    host = build_lora_meta(
+        torch.from_numpy(slots),
+        torch.from_numpy(weights),
+        engine.model.num_slots,
+        torch.device("cpu"),
+        block_m=runner.graphs[(b, 1, b)].meta.block_m,
+        pad_tiles_to=pads,
+        mode="plan",
+    )
+    g = runner.graphs[(b, 1, host.grid_tiles)]
+    runner.send_meta(g, host)
+    return g, host
+
+
 def profile_graphs(engine: Engine, batches: list[int]) -> None:
     runner = engine.runner
     for b in batches:
@@ -81,19 +100,8 @@ def profile_graphs(engine: Engine, batches: list[int]) -> None:
             ms=round(replay_ms(runner.graphs[(b, 0, 0)].graph), 3),
         )
         for case in ("one_adapter", "8_distinct"):
-            slots, weights = plans_for(case, b)
             for pads in (runner.tile_pads[b], [b]):
-                host = build_lora_meta(
-                    torch.from_numpy(slots),
-                    torch.from_numpy(weights),
-                    engine.model.num_slots,
-                    torch.device("cpu"),
-                    block_m=runner.graphs[(b, 1, b)].meta.block_m,
-                    pad_tiles_to=pads,
-                    mode="plan",
-                )
-                g = runner.graphs[(b, 1, host.grid_tiles)]
-                runner.send_meta(g, host)
+                g, host = decode_graph(engine, case, b, pads)
                 emit(
                     bench="graph_replay",
                     batch=b,
@@ -138,18 +146,7 @@ def profile_timeline(engine: Engine, batches: list[int], replays: int = 5) -> No
             if case == "no_adapter":
                 g = runner.graphs[(b, 0, 0)]
             else:
-                slots, weights = plans_for(case, b)
-                host = build_lora_meta(
-                    torch.from_numpy(slots),
-                    torch.from_numpy(weights),
-                    engine.model.num_slots,
-                    torch.device("cpu"),
-                    block_m=runner.graphs[(b, 1, b)].meta.block_m,
-                    pad_tiles_to=runner.tile_pads[b],
-                    mode="plan",
-                )
-                g = runner.graphs[(b, 1, host.grid_tiles)]
-                runner.send_meta(g, host)
+                g, _ = decode_graph(engine, case, b, runner.tile_pads[b])
             for _ in range(3):
                 g.graph.replay()
             torch.cuda.synchronize()
