@@ -47,8 +47,12 @@ def overlapped() -> Iterator[None]:
         _forced = previous
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     stream = _side_streams.get(index)
     if stream is None:  # high priority: its few programs go ahead of the GEMM's waiting ones
         stream = _side_streams[index] = torch.cuda.Stream(index, priority=-1)
@@ -56,7 +60,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _head_word(device: torch.device) -> torch.Tensor | None:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     word = _heads.get(index)
     # Not allocated under a capture: from the graph's private pool it could outlive the graph.
     # (Warm-ups branch eagerly first, see overlapped(), so captures find it.)

@@ -78,7 +78,7 @@ def _rope_qkv_kernel(
     sqt, sqh, skt, skh, svt, sdqt, sdqh, sdkt, sdkh, sdvt, sqot, sqoh, skot, skoh, svot,
     stride_c, n_q, n_kv,
     HALF: tl.constexpr, HP: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-    BLOCK_V: tl.constexpr, ADD: tl.constexpr, V_ADD: tl.constexpr,
+    BLOCK_V: tl.constexpr, ADD: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     p = tl.load(POS + t)
@@ -89,7 +89,7 @@ def _rope_qkv_kernel(
                   HALF, HP, BLOCK_HQ, ADD)  # fmt: skip
     _rotate_heads(K, DK, KO, t, cos, sin, skt, skh, sdkt, sdkh, skot, skoh, n_kv,
                   HALF, HP, BLOCK_HKV, ADD)  # fmt: skip
-    if V_ADD:  # v + dv (the value projection's LoRA delta), heads contiguous in a row
+    if ADD:  # v + dv (the value projection's LoRA delta), heads contiguous in a row
         c = tl.arange(0, BLOCK_V)
         cm = c < n_kv * 2 * HALF
         v = tl.load(V + t * svt + c, mask=cm, other=0.0).to(tl.float32)
@@ -179,7 +179,6 @@ def rope_qkv(
                 "BLOCK_HKV": triton.next_power_of_2(hkv),
                 "BLOCK_V": triton.next_power_of_2(hkv * hd),
                 "ADD": deltas[0] is not None,
-                "V_ADD": deltas[0] is not None,
             },
             {"num_warps": 4},
         )
