@@ -3,7 +3,7 @@
 ``kernels/configs/<GPU name with spaces as underscores>.json`` (e.g.
 ``NVIDIA_H100_80GB_HBM3.json``, written by ``python -m kernels.tune``) holds, per op, a list
 of entries keyed by a token-count bucket (``max_tokens``) and a size (``dim``: ``in`` for the
-shrink, ``out`` for the expand). ``default.json`` serves GPUs without a file and the CPU
+shrink, ``out`` for the expand and the fused GEMM, whose entries also carry ``in``). ``default.json`` serves GPUs without a file and the CPU
 interpreter. Lookup: the smallest bucket with ``max_tokens >= T`` (else the largest), then
 the entry whose ``dim`` is nearest in log scale.
 """
@@ -42,22 +42,40 @@ def load_config(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _pick(entries: list[dict], num_tokens: int, dim: int) -> dict:
+def _pick(entries: list[dict], num_tokens: int, dim: int, in_dim: int | None = None) -> dict:
     buckets = sorted({e["max_tokens"] for e in entries})
     bucket = next((b for b in buckets if b >= num_tokens), buckets[-1])
     same = [e for e in entries if e["max_tokens"] == bucket]
-    return min(same, key=lambda e: abs(math.log(e.get("dim", dim) / dim)) if dim else 0.0)
+
+    def distance(e: dict) -> float:
+        d = abs(math.log(e.get("dim", dim) / dim)) if dim else 0.0
+        if in_dim and "in" in e:
+            d += abs(math.log(e["in"] / in_dim))
+        return d
+
+    return min(same, key=distance)
 
 
 @functools.cache
-def _lookup(name: str, op: str, num_tokens: int, dim: int) -> dict:
-    entry = _pick(load_config(name)[op], num_tokens, dim)
-    return {k: v for k, v in entry.items() if k not in ("max_tokens", "dim")}
+def _lookup(name: str, op: str, num_tokens: int, dim: int, in_dim: int | None) -> dict:
+    entry = _pick(load_config(name)[op], num_tokens, dim, in_dim)
+    return {k: v for k, v in entry.items() if k not in ("max_tokens", "dim", "in")}
 
 
-def kernel_config(op: str, num_tokens: int, dim: int, device: torch.device | str) -> dict:
-    """Launch parameters of ``op`` ("shrink" or "expand") for T tokens and size ``dim``."""
-    return _lookup(gpu_config_name(device), op, num_tokens, dim)
+def kernel_config(
+    op: str, num_tokens: int, dim: int, device: torch.device | str, in_dim: int | None = None
+) -> dict:
+    """Launch parameters of ``op`` ("shrink", "expand" or "fused") for T tokens and size
+    ``dim`` (and, for the fused GEMM, whose entries carry both, ``in_dim``)."""
+    return _lookup(gpu_config_name(device), op, num_tokens, dim, in_dim)
+
+
+def fused_max_tokens(device: torch.device | str, lora: bool) -> int:
+    """Most tokens for which the engine runs :func:`kernels.fused_linear_lora` instead of
+    cuBLAS plus the separate delta (``lora``) or cuBLAS alone (no adapters); 0 = never.
+    Measured per GPU (docs/benchmarks.md); GPUs without a file keep cuBLAS."""
+    limits = load_config(gpu_config_name(device)).get("fused_max_tokens", {})
+    return int(limits.get("lora" if lora else "base", 0))
 
 
 def block_m_for(num_tokens: int, device: torch.device | str) -> int:

@@ -38,6 +38,7 @@ Running example (``block_m=2`` to keep it short; the kernels use 16 or more), T=
     tile_col    = [0, 0, 0]                # first k column of h the tile fills
     tile_slots  = [[0,2], [2,-1], [2,-1]]  # the plan shared by the tile's rows
     pass_tiles  = (3,)                     # one expand pass over all tiles
+    slot_list   = [2, 0, 2, 0, 0]          # 2 slots in use, 0 and 2; 1 + min(T*K, slots) long
 
   column mode (tile_k = 1)::
 
@@ -82,10 +83,13 @@ class LoraBatchMeta:
     tile_len: torch.Tensor  # [G] int32, rows in the tile (0 for padding tiles)
     tile_col: torch.Tensor  # [G] int32, first of the tile_k columns of h the tile fills
     tile_slots: torch.Tensor  # [G, tile_k] int32, slots shared by all rows of the tile
+    # [1 + min(T*K, num_slots)] int32: how many distinct slots the step uses, then those slots
+    # ascending (the fused GEMM's epilogue walks them; kernels.fused_linear_lora)
+    slot_list: torch.Tensor
     # Every tensor above is a view of one of these two, so a captured graph's meta is refreshed
     # with two copies: int_buf = token_slots, row_tokens, tile_start, tile_len, tile_col,
-    # tile_slots; float_buf = token_weights, row_weights (in that order, each view 16-byte
-    # aligned: see _packed).
+    # tile_slots, slot_list; float_buf = token_weights, row_weights (in that order, each view
+    # 16-byte aligned: see _packed).
     int_buf: torch.Tensor
     float_buf: torch.Tensor
     num_tokens: int
@@ -305,7 +309,12 @@ def build_lora_meta(
     rows[: len(lay.rows)] = lay.rows
     row_w = np.zeros((r, tile_k), np.float32)
     row_w[: len(lay.rows)] = lay.weights
-    ib, iv = _packed([slots.ravel(), rows, start, length, tcol, tslots.ravel()], np.int32, device)
+    used = np.unique(slots[slots >= 0])
+    slot_list = np.zeros(1 + min(t * k, num_slots), np.int64)
+    slot_list[0], slot_list[1 : 1 + len(used)] = len(used), used
+    ib, iv = _packed(
+        [slots.ravel(), rows, start, length, tcol, tslots.ravel(), slot_list], np.int32, device
+    )
     fb, fv = _packed([weights.ravel(), row_w.ravel()], np.float32, device)
     return LoraBatchMeta(
         token_slots=iv[0].view(t, k),
@@ -316,6 +325,7 @@ def build_lora_meta(
         tile_len=iv[3],
         tile_col=iv[4],
         tile_slots=iv[5].view(grid, tile_k),
+        slot_list=iv[6],
         int_buf=ib,
         float_buf=fb,
         num_tokens=t,

@@ -180,6 +180,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg = tune(args.quick)
     path = args.out_dir / f"{gpu_config_name('cuda')}.json"
+    if path.exists():  # keep what other sweeps wrote (the fused GEMM's entries and limits)
+        cfg = {**json.loads(path.read_text()), **cfg}
     path.write_text(json.dumps(cfg, indent=1) + "\n")
     print(json.dumps({"tune": "written", "path": str(path)}))
 

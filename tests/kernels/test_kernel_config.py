@@ -39,6 +39,23 @@ def test_lookup_takes_smallest_bucket_then_nearest_dim() -> None:
     assert _pick(entries, 10_000, 4096)["v"] == 3  # past the last bucket: the largest
 
 
+def test_fused_entries_are_picked_by_out_and_in() -> None:
+    """o (4096 -> 4096) and down (11008 -> 4096) share out; their fused GEMMs differ by in."""
+    entries = [
+        {"max_tokens": 64, "dim": 4096, "in": 4096, "v": "o"},
+        {"max_tokens": 64, "dim": 4096, "in": 11008, "v": "down"},
+        {"max_tokens": 64, "dim": 12288, "in": 4096, "v": "qkv"},
+    ]
+    assert _pick(entries, 32, 4096, 4096)["v"] == "o"
+    assert _pick(entries, 32, 4096, 11008)["v"] == "down"
+    assert _pick(entries, 32, 12288, 4096)["v"] == "qkv"
+    for gpu in ("default", "NVIDIA_H100_80GB_HBM3"):
+        cfg = load_config(gpu)
+        for e in cfg["fused"]:
+            assert _pow2(e["BLOCK_N"]) and _pow2(e["BLOCK_K"]) and e["in"] >= 16
+        assert kernel_config("fused", 7, 4096, "cpu", 4096).keys() >= {"BLOCK_N", "BLOCK_K"}
+
+
 def test_cpu_and_unknown_gpus_use_the_default_file() -> None:
     assert load_config("No_Such_GPU") == load_config("default")
     cfg = kernel_config("shrink", 7, 4096, "cpu")

@@ -42,6 +42,7 @@ def test_running_example_of_the_docstring_plan_mode() -> None:
     assert _l(m.tile_len) == [2, 2, 1]
     assert _l(m.tile_col) == [0, 0, 0]
     assert _l(m.tile_slots) == [[0, 2], [2, -1], [2, -1]]
+    assert _l(m.slot_list) == [2, 0, 2, 0, 0]
     assert (m.mode, m.tile_k, m.pass_tiles) == ("plan", 2, (3,))
     assert (m.num_tokens, m.max_k, m.num_active, m.num_tiles, m.grid_tiles) == (6, 2, 5, 3, 3)
     assert m.token_slots.dtype == torch.int32 and m.token_weights.dtype == torch.float32
@@ -200,7 +201,8 @@ def test_index_buffers_are_views_of_two_packed_buffers() -> None:
     )
     a.int_buf.copy_(b.int_buf)
     a.float_buf.copy_(b.float_buf)
-    for name in ("token_slots", "row_tokens", "tile_start", "tile_len", "tile_col", "tile_slots"):
+    names = ("token_slots", "row_tokens", "tile_start", "tile_len", "tile_col", "tile_slots")
+    for name in (*names, "slot_list"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     for name in ("token_weights", "row_weights"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name

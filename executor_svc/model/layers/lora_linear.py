@@ -15,10 +15,9 @@ columns [sum(out_<s), sum(out_<=s))).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from executor_svc.model.layers.lora_ops import linear_beside_delta, linear_with_lora
+from executor_svc.model.layers.lora_ops import base_linear, linear_beside_delta, linear_with_lora
 from executor_svc.model.lora_slots import SiteViews
 from kernels import LoraBatchMeta
 
@@ -59,7 +58,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoraBatchMeta | None) -> torch.Tensor:
         v = self.slots
         if lora is None or v is None:
-            return F.linear(x, self.weight, self.bias)
+            return base_linear(x, self.weight, self.bias)
         return linear_with_lora(
             x, self.weight, self.bias, v.lora_a, v.lora_b, v.ranks, v.scales, lora
         )
@@ -70,10 +69,11 @@ class LoRALinear(nn.Module):
         """``(y, into)`` for a consumer that adds the two (a residual add, the SiLU-and-mul):
         their sum is x W^T + b plus the LoRA delta (plus ``into``). The delta goes into
         ``into`` (in place) when given; when None, into y (None comes back) or, in a captured
-        step, into a new buffer, its kernels then running beside the GEMM."""
+        step, into a new buffer, its kernels then running beside the GEMM. At decode sizes on
+        a GPU that prefers it, the delta is in y (one fused kernel) and ``into`` untouched."""
         v = self.slots
         if lora is None or v is None:
-            return F.linear(x, self.weight, self.bias), into
+            return base_linear(x, self.weight, self.bias), into
         return linear_beside_delta(
             x, self.weight, self.bias, v.lora_a, v.lora_b, v.ranks, v.scales, lora, into
         )

@@ -1,7 +1,8 @@
 """Backend dispatch for the LoRA delta of one projection (the role of vLLM's punica_wrapper).
 
-On CUDA the Triton kernels (:func:`kernels.add_lora`, :func:`kernels.linear_beside_lora`) run;
-on CPU a vectorised torch path (gather + two einsums) computes the same thing: the kernels' own reference
+On CUDA the Triton kernels run: up to the GPU's measured token limit (decode steps) one GEMM
+with the delta in its epilogue (:func:`kernels.fused_linear_lora`), above it cuBLAS with the
+delta's own kernels (:func:`kernels.add_lora`, :func:`kernels.linear_beside_lora`); on CPU a vectorised torch path (gather + two einsums) computes the same thing: the kernels' own reference
 (:func:`kernels.add_lora_ref`) is a per-token loop and too slow for whole forward passes,
 so this path is tested against it instead (tests/executor/test_model_lora_ops.py).
 
@@ -21,7 +22,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels import LoraBatchMeta, add_lora, linear_beside_lora
+from kernels import LoraBatchMeta, add_lora, fused_linear_lora, linear_beside_lora
+from kernels.fused_linear_lora_op import fused_preferred
 
 
 def add_lora_torch(
@@ -50,6 +52,13 @@ def add_lora_torch(
         off += out_s
 
 
+def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, or our skinny GEMM where this GPU's measurements prefer it."""
+    if fused_preferred(x, None, lora=False):
+        return fused_linear_lora(x, weight, bias, None, None, None, None, None)
+    return F.linear(x, weight, bias)
+
+
 def linear_with_lora(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -61,6 +70,10 @@ def linear_with_lora(
     meta: LoraBatchMeta,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` plus the step's LoRA deltas, on the device's best path."""
+    if meta.num_active == 0:
+        return base_linear(x, weight, bias)
+    if fused_preferred(x, lora_b, lora=True):
+        return fused_linear_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta)
     y = F.linear(x, weight, bias)
     if x.is_cuda:
         add_lora(y, x, lora_a, lora_b, ranks, scales, meta)
@@ -83,7 +96,12 @@ def linear_beside_delta(
     """``(y, into)`` whose sum is the projection plus its LoRA delta (plus ``into``): the delta
     goes into ``into`` when given, else into y (None comes back), or, on CUDA captured in a
     graph, into a new buffer (its kernels then run beside the base GEMM; see
-    kernels.linear_beside_lora)."""
+    kernels.linear_beside_lora). Where the fused kernel runs, the delta is in y and ``into``
+    comes back untouched."""
+    if meta.num_active == 0:
+        return base_linear(x, weight, bias), into
+    if fused_preferred(x, lora_b, lora=True):
+        return fused_linear_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta), into
     if x.is_cuda:
         return linear_beside_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta, into)
     if into is None:

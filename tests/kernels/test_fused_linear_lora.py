@@ -1,0 +1,100 @@
+"""fused_linear_lora: the base projection with the LoRA delta in its epilogue."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernels_assert import assert_close
+from kernels_cases import DTYPES, make_batch
+
+from kernels import add_lora_ref, build_lora_meta, fused_linear_lora
+
+
+def _weights(n_out: int, in_features: int, dtype, device, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(n_out, in_features, generator=gen) / 8).to(dtype).to(device)
+    bias = torch.randn(n_out, generator=gen).to(dtype).to(device)
+    return weight, bias
+
+
+def _check(device, dtype, *, tokens, in_features, outs, r_max=16, k=1, popularity="uniform",
+           mixed_ranks=None, bias=True, mode=None, config=None, seed=0) -> None:  # fmt: skip
+    b = make_batch(
+        tokens=tokens,
+        in_features=in_features,
+        outs=outs,
+        r_max=r_max,
+        num_slots=7,
+        k=k,
+        popularity=popularity,
+        mixed_ranks=mixed_ranks,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+    )
+    weight, bias_t = _weights(sum(outs), in_features, dtype, device, seed + 1)
+    bias_t = bias_t if bias else None
+    meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, device, mode=mode)
+    y = fused_linear_lora(
+        b.x, weight, bias_t, b.lora_a, b.lora_b, b.ranks, b.scales, meta, config=config
+    )
+    want = F.linear(b.x, weight, bias_t)
+    add_lora_ref(want, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
+    atol, rtol = DTYPES[dtype]
+    assert_close(y, want, atol=atol, rtol=rtol, what=f"fused y ({popularity}, K={k})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_matches_the_projection_plus_the_reference_delta(device, dtype) -> None:
+    """Three slices of odd sizes (qkv-like), a prime in_features, a bias, K=2."""
+    _check(device, dtype, tokens=23, in_features=97, outs=[48, 24, 40], k=2)
+
+
+@pytest.mark.parametrize("popularity", ["all_distinct", "zipf", "identical", "one_hot"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_fused_over_plans(device, popularity: str, k: int) -> None:
+    """Per-row slots in one tile: every popularity, K up to 4, plan and column mode."""
+    mode = "column" if k > 1 and popularity == "all_distinct" else None
+    _check(device, torch.float16, tokens=19, in_features=64, outs=[40, 24], k=k,
+           popularity=popularity, mode=mode, bias=False, seed=k)  # fmt: skip
+
+
+@pytest.mark.parametrize("ranks", [(1, 8, 16), (64, 128)])
+def test_fused_mixed_ranks_and_several_tiles(device, ranks) -> None:
+    """Mixed ranks in one batch (rows above a rank are garbage in B and never read); more
+    tokens than one BLOCK_M and columns than one BLOCK_N; ranks above 16 (several MMA steps)."""
+    r_max = max(ranks)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    _check(device, torch.float32, tokens=37, in_features=80, outs=[50], r_max=r_max, k=2,
+           mixed_ranks=ranks, config=config, seed=7)  # fmt: skip
+
+
+def test_fused_without_adapters_is_the_projection(device) -> None:
+    """No meta, a base-only batch and an empty batch: the plain GEMM (and no LoRA launch)."""
+    dtype = torch.float16
+    x = torch.randn(9, 72, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+    weight, bias = _weights(56, 72, dtype, device)
+    atol, rtol = DTYPES[dtype]
+    want = F.linear(x, weight, bias)
+    assert_close(fused_linear_lora(x, weight, bias, None, None, None, None, None), want,
+                 atol=atol, rtol=rtol, what="no meta")  # fmt: skip
+    b = make_batch(tokens=9, in_features=72, outs=[56], r_max=8, num_slots=3, dtype=dtype,
+                   device=device, base_only_frac=1.0)  # fmt: skip
+    meta = build_lora_meta(b.token_slots, b.token_weights, 3, device)
+    assert meta.num_active == 0
+    y = fused_linear_lora(x, weight, bias, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
+    assert_close(y, want, atol=atol, rtol=rtol, what="base-only batch")
+    empty = fused_linear_lora(x[:0], weight, bias, None, None, None, None, None)
+    assert empty.shape == (0, 56)
+
+
+def test_fused_rejects_bad_operands(device) -> None:
+    x = torch.zeros(4, 32, device=device)
+    with pytest.raises(ValueError, match="does not match"):
+        fused_linear_lora(x, torch.zeros(8, 16, device=device), None, None, None, None, None, None)
+    with pytest.raises(ValueError, match="bias"):
+        fused_linear_lora(
+            x, torch.zeros(8, 32, device=device), torch.zeros(7, device=device),
+            None, None, None, None, None,
+        )  # fmt: skip
