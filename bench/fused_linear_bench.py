@@ -131,7 +131,8 @@ def run_case(name: str, tokens: int, adapters: int, k: int, rep: int) -> dict:
 
 
 SWEEP_TOKENS = [16, 32, 64]
-SHRINK_SPLITS = [1, 2, 4, 8]
+SHRINK_SPLITS = [2, 4, 8]
+SLOTS_PER_STEP = [1, 4, 8]
 
 
 def sweep_grid() -> list[dict]:
@@ -151,7 +152,7 @@ def _timed(ops: tuple, cfg: dict | None, lora: bool, rep: int) -> float:
 
 def sweep(tokens: list[int], rep: int, write: bool) -> None:
     """Time every config of the grid without adapters; then the best 3 of each case again
-    with 8 adapters (K=1) and each of SHRINK_SPLITS; keep the best with adapters per
+    with 8 adapters (K=1) and each of SHRINK_SPLITS x SLOTS_PER_STEP; keep the best with adapters per
     (projection, tokens). --write puts them in the GPU's config file (kernels/configs/),
     replacing its "fused" entries. Variants compile on a thread pool before each phase."""
     grid = sweep_grid()
@@ -170,7 +171,11 @@ def sweep(tokens: list[int], rep: int, write: bool) -> None:
         timed.sort(key=lambda v: v[0])
         best3[key] = (timed[:3], timed[-1][0])
     lora_cfgs = {
-        key: [({**cfg, "SHRINK_SPLIT_K": sk}, ms) for ms, cfg in top for sk in SHRINK_SPLITS]
+        key: [
+            ({**cfg, "SHRINK_SPLIT_K": sk, "SLOTS_PER_STEP": sg}, ms)
+            for ms, cfg in top
+            for sk, sg in itertools.product(SHRINK_SPLITS, SLOTS_PER_STEP)
+        ]
         for key, (top, _) in best3.items()
     }
     with compile_only():

@@ -49,6 +49,7 @@ from kernels._common import (
     pdl_supported,
 )
 from kernels._launch import Launcher
+from kernels._slices import slice_of_b
 from kernels.config import fused_max_tokens, kernel_config
 from kernels.lora_shrink_op import lora_shrink
 from kernels.metadata import LoraBatchMeta
@@ -56,6 +57,9 @@ from kernels.metadata import LoraBatchMeta
 # The shrink's K splits on this path (config key SHRINK_SPLIT_K): every program of the GEMM
 # sums the partials of its rows, so the unfused path's 32 splits would cost each 32 loads.
 _SHRINK_SPLIT_K = 4
+# Adapters per step of the epilogue's walk (config key SLOTS_PER_STEP): their B tiles are
+# loaded together, so the walk waits for memory once per group instead of once per adapter.
+_SLOTS_PER_STEP = 4
 _UNSPECIALIZED = ("num_tokens", "stride_hsp", "stride_hs")
 
 
@@ -99,6 +103,7 @@ def _fused_linear_lora_kernel(
     R_MAX: tl.constexpr,
     RP: tl.constexpr,
     KP: tl.constexpr,
+    SLOTS_PER_STEP: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -112,13 +117,9 @@ def _fused_linear_lora_kernel(
     n0 = tl.program_id(0) * BLOCK_N
     m0 = tl.program_id(1) * BLOCK_M
     s = tl.program_id(2)
-    b_ptr, out_s, col_off, stride_bs = b0_ptr, out0, off0, sbs0
-    if N_SLICES > 1:  # noqa: SIM102 (constexpr test, then a runtime one)
-        if s == 1:
-            b_ptr, out_s, col_off, stride_bs = b1_ptr, out1, off1, sbs1
-    if N_SLICES > 2:  # noqa: SIM102
-        if s == 2:
-            b_ptr, out_s, col_off, stride_bs = b2_ptr, out2, off2, sbs2
+    b_ptr, out_s, col_off, stride_bs = slice_of_b(
+        s, b0_ptr, b1_ptr, b2_ptr, out0, out1, out2, off0, off1, off2, sbs0, sbs1, sbs2, N_SLICES
+    )
 
     if n0 < out_s:
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -162,28 +163,36 @@ def _fused_linear_lora_kernel(
             )
             coef = tl.load(token_weights_ptr + jm * MAX_K + jk, mask=used, other=0.0)
             coef = coef * tl.load(scales_ptr + s * num_slots + slot_j, mask=used, other=0.0)
-            offs_r = tl.arange(0, RP)
-            h_ok = offs_r[None, :] < rank_j[:, None]  # the shrink leaves rows above a rank unset
+            # Columns q = (adapter j of a group of SLOTS_PER_STEP, rank row r): h repeated per
+            # j, so that one product covers a group of the step's adapters.
+            offs_q = tl.arange(0, SLOTS_PER_STEP * RP)
+            q_j = offs_q // RP
+            q_r = offs_q % RP
+            h_ok = q_r[None, :] < rank_j[:, None]  # the shrink leaves rows above a rank unset
             h_rows = h_ptr + s * stride_hs + jm.to(tl.int64)[:, None] * stride_ht
-            h_rows += (jk * R_MAX)[:, None] + offs_r[None, :]
-            hs = tl.zeros([BLOCK_M * KP, RP], dtype=tl.float32)
+            h_rows += (jk * R_MAX)[:, None] + q_r[None, :]
+            hs = tl.zeros([BLOCK_M * KP, SLOTS_PER_STEP * RP], dtype=tl.float32)
             for sp in tl.static_range(NUM_SPLITS):
                 hs += tl.load(h_rows + sp * stride_hsp, mask=h_ok, other=0.0)
             # rounded to the weights' dtype between lora_A and lora_B, as in PEFT
             hs = (hs * coef[:, None]).to(b0_ptr.dtype.element_ty)
-            # One small tensor-core product per adapter the step uses: its B rows for this
-            # tile's columns (contiguous along r) against the rows of h that use it.
+            # Per group of the adapters the step uses, one tensor-core product: their B rows of
+            # this tile's columns (contiguous along r) against the rows of h that use each
+            # (the others masked to zero). A group's B tiles are one load, in flight together.
             acc_j = tl.zeros([BLOCK_M * KP, BLOCK_N], dtype=tl.float32)
-            b_cols = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :]
-            for i in range(tl.load(slot_list_ptr)):
-                slot = tl.load(slot_list_ptr + 1 + i)
-                rank = tl.minimum(tl.load(ranks_ptr + s * num_slots + slot), R_MAX)
+            b_cols = b_ptr + offs_n[:, None] * stride_bn + q_r[None, :]
+            n_used = tl.load(slot_list_ptr)
+            for i0 in range(0, n_used, SLOTS_PER_STEP):
+                q_ok = i0 + q_j < n_used
+                slot_q = tl.load(slot_list_ptr + 1 + i0 + q_j, mask=q_ok, other=-1)
+                rank_q = tl.load(ranks_ptr + s * num_slots + slot_q, mask=q_ok, other=0)
                 bt = tl.load(
-                    b_cols + slot.to(tl.int64) * stride_bs,
-                    mask=n_ok[:, None] & (offs_r < rank)[None, :],
+                    b_cols + slot_q.to(tl.int64)[None, :] * stride_bs,
+                    mask=n_ok[:, None] & (q_r < tl.minimum(rank_q, R_MAX))[None, :],
                     other=0.0,
                 )
-                hd = tl.where((slot_j == slot)[:, None], hs, tl.zeros_like(hs))
+                # slot -1 (past the list) meets only unused rows, whose h is zero
+                hd = tl.where(slot_j[:, None] == slot_q[None, :], hs, tl.zeros_like(hs))
                 if UPCAST:  # the interpreter mishandles bf16 arithmetic
                     acc_j += tl.dot(hd.to(tl.float32), tl.trans(bt.to(tl.float32)),
                                     input_precision=DOT_PRECISION)  # fmt: skip
@@ -259,7 +268,7 @@ def fused_linear_lora(
             or all None for the base GEMM alone.
         meta: the step's :class:`LoraBatchMeta`, or None.
         config: launch parameters overriding the tuned ones (BLOCK_M, BLOCK_N, BLOCK_K,
-            num_warps, num_stages, SHRINK_SPLIT_K); shrink_config: the shrink's (default: the
+            num_warps, num_stages, SHRINK_SPLIT_K, SLOTS_PER_STEP); shrink_config: the shrink's (default: the
             tuned one with SHRINK_SPLIT_K splits).
     """
     if x.dim() != 2 or x.stride(1) != 1 or weight.dim() != 2 or weight.stride(1) != 1:
@@ -337,6 +346,9 @@ def fused_linear_lora(
         R_MAX=r_max,
         RP=max(16, next_pow2(r_max)),
         KP=next_pow2(max_k),
+        # rows are (token, k) pairs: K adapters a token take K times the rows, so a group
+        # holds 1/K as many adapters (the tile of h it selects from keeps its tuned size)
+        SLOTS_PER_STEP=max(1, cfg.get("SLOTS_PER_STEP", _SLOTS_PER_STEP) // next_pow2(max_k)),
         NUM_SPLITS=num_splits,
         BLOCK_M=block_m,
         BLOCK_N=block_n,

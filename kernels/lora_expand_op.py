@@ -36,6 +36,7 @@ from kernels._common import (
     slice_groups,
 )
 from kernels._launch import Launcher
+from kernels._slices import slice_of_b
 from kernels.config import kernel_config
 from kernels.metadata import LoraBatchMeta
 
@@ -92,13 +93,9 @@ def _lora_expand_kernel(
     tile = tile_offset + tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     s = tl.program_id(2)
-    b_ptr, out_s, col_off, stride_bs = b0_ptr, out0, off0, sbs0
-    if N_SLICES > 1:  # noqa: SIM102 (constexpr test, then a runtime one)
-        if s == 1:
-            b_ptr, out_s, col_off, stride_bs = b1_ptr, out1, off1, sbs1
-    if N_SLICES > 2:  # noqa: SIM102
-        if s == 2:
-            b_ptr, out_s, col_off, stride_bs = b2_ptr, out2, off2, sbs2
+    b_ptr, out_s, col_off, stride_bs = slice_of_b(
+        s, b0_ptr, b1_ptr, b2_ptr, out0, out1, out2, off0, off1, off2, sbs0, sbs1, sbs2, N_SLICES
+    )
 
     kj = tl.arange(0, KP)
     slot_j = tl.load(tile_slots_ptr + tile * TILE_K + kj, mask=kj < TILE_K, other=-1)

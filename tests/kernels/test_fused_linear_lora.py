@@ -63,9 +63,11 @@ def test_fused_over_plans(device, popularity: str, k: int) -> None:
 @pytest.mark.parametrize("ranks", [(1, 8, 16), (64, 128)])
 def test_fused_mixed_ranks_and_several_tiles(device, ranks) -> None:
     """Mixed ranks in one batch (rows above a rank are garbage in B and never read); more
-    tokens than one BLOCK_M and columns than one BLOCK_N; ranks above 16 (several MMA steps)."""
+    tokens than one BLOCK_M and columns than one BLOCK_N; ranks above 16 (several MMA steps);
+    the epilogue's walk over 7 slots in groups of 2 (the last one short)."""
     r_max = max(ranks)
-    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1,
+              "SLOTS_PER_STEP": 2}  # fmt: skip
     _check(device, torch.float32, tokens=37, in_features=80, outs=[50], r_max=r_max, k=2,
            mixed_ranks=ranks, config=config, seed=7)  # fmt: skip
 
