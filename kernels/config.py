@@ -3,9 +3,10 @@
 ``kernels/configs/<GPU name with spaces as underscores>.json`` (e.g.
 ``NVIDIA_H100_80GB_HBM3.json``, written by ``python -m kernels.tune``) holds, per op, a list
 of entries keyed by a token-count bucket (``max_tokens``) and a size (``dim``: ``in`` for the
-shrink, ``out`` for the expand and the fused GEMM, whose entries also carry ``in``). ``default.json`` serves GPUs without a file and the CPU
-interpreter. Lookup: the smallest bucket with ``max_tokens >= T`` (else the largest), then
-the entry whose ``dim`` is nearest in log scale.
+shrink, ``out`` for the expand and the fused GEMM, whose entries also carry ``in``).
+``default.json`` serves GPUs without a file and the CPU interpreter. Lookup: the smallest
+bucket with ``max_tokens >= T`` (else the largest), then the entry whose ``dim`` (and ``in``,
+where given) is nearest in log scale.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Backend dispatch for the LoRA delta of one projection (the role of vLLM's punica_wrapper).
 
-On CUDA the Triton kernels run: up to the GPU's measured token limit (decode steps) one GEMM
-with the delta in its epilogue (:func:`kernels.fused_linear_lora`), above it cuBLAS with the
-delta's own kernels (:func:`kernels.add_lora`, :func:`kernels.linear_beside_lora`); on CPU a vectorised torch path (gather + two einsums) computes the same thing: the kernels' own reference
-(:func:`kernels.add_lora_ref`) is a per-token loop and too slow for whole forward passes,
-so this path is tested against it instead (tests/executor/test_model_lora_ops.py).
+On CUDA the Triton kernels run: cuBLAS with the delta's own kernels (:func:`kernels.add_lora`,
+:func:`kernels.linear_beside_lora`), or, up to the GPU's measured token limit (0 on the H100),
+one GEMM with the delta in its epilogue (:func:`kernels.fused_linear_lora`). On CPU a
+vectorised torch path (gather + two einsums) computes the same thing: the kernels' own
+reference (:func:`kernels.add_lora_ref`) is a per-token loop and too slow for whole forward
+passes, so this path is tested against it instead (tests/executor/test_model_lora_ops.py).
 
 Semantics (both paths):
     for t in range(num_tokens):
@@ -59,6 +60,25 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.linear(x, weight, bias)
 
 
+def _single_kernel(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: LoraBatchMeta,
+) -> torch.Tensor | None:
+    """The projection with its delta where the delta needs no kernels of its own: no token
+    has an adapter (the base projection alone), or the fused kernel is preferred; else None."""
+    if meta.num_active == 0:
+        return base_linear(x, weight, bias)
+    if fused_preferred(x, lora_b, lora=True):
+        return fused_linear_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta)
+    return None
+
+
 def linear_with_lora(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -70,10 +90,9 @@ def linear_with_lora(
     meta: LoraBatchMeta,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` plus the step's LoRA deltas, on the device's best path."""
-    if meta.num_active == 0:
-        return base_linear(x, weight, bias)
-    if fused_preferred(x, lora_b, lora=True):
-        return fused_linear_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta)
+    y = _single_kernel(x, weight, bias, lora_a, lora_b, ranks, scales, meta)
+    if y is not None:
+        return y
     y = F.linear(x, weight, bias)
     if x.is_cuda:
         add_lora(y, x, lora_a, lora_b, ranks, scales, meta)
@@ -98,10 +117,9 @@ def linear_beside_delta(
     graph, into a new buffer (its kernels then run beside the base GEMM; see
     kernels.linear_beside_lora). Where the fused kernel runs, the delta is in y and ``into``
     comes back untouched."""
-    if meta.num_active == 0:
-        return base_linear(x, weight, bias), into
-    if fused_preferred(x, lora_b, lora=True):
-        return fused_linear_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta), into
+    y = _single_kernel(x, weight, bias, lora_a, lora_b, ranks, scales, meta)
+    if y is not None:
+        return y, into
     if x.is_cuda:
         return linear_beside_lora(x, weight, bias, lora_a, lora_b, ranks, scales, meta, into)
     if into is None:
