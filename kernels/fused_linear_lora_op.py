@@ -268,8 +268,8 @@ def fused_linear_lora(
             or all None for the base GEMM alone.
         meta: the step's :class:`LoraBatchMeta`, or None.
         config: launch parameters overriding the tuned ones (BLOCK_M, BLOCK_N, BLOCK_K,
-            num_warps, num_stages, SHRINK_SPLIT_K, SLOTS_PER_STEP); shrink_config: the shrink's (default: the
-            tuned one with SHRINK_SPLIT_K splits).
+            num_warps, num_stages, SHRINK_SPLIT_K, SLOTS_PER_STEP).
+        shrink_config: the shrink's (default: the tuned one with SHRINK_SPLIT_K splits).
     """
     if x.dim() != 2 or x.stride(1) != 1 or weight.dim() != 2 or weight.stride(1) != 1:
         raise ValueError("fused_linear_lora: x [T, in] and weight [out, in] need contiguous rows")
@@ -286,6 +286,12 @@ def fused_linear_lora(
         if not fused_supported(lora_b) or lora_a is None or len(lora_a) != len(lora_b):
             raise ValueError("fused_linear_lora: 1 to 3 slices, as many A as B")
         check_operands(x, lora_b, ranks, "fused_linear_lora")
+        b0 = lora_b[0]
+        if any(
+            bb.shape[0] != b0.shape[0] or bb.shape[2] != b0.shape[2] or bb.stride(1) != b0.stride(1)
+            for bb in lora_b
+        ):
+            raise ValueError("fused_linear_lora: B slices must share slots, r_max and n stride")
         outs = [b.shape[1] for b in lora_b]
         if ranks.dtype != torch.int32 or scales is None or scales.dtype != torch.float32:
             raise ValueError("fused_linear_lora: ranks must be int32 and scales float32")

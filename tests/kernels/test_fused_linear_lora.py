@@ -95,6 +95,14 @@ def test_fused_rejects_bad_operands(device) -> None:
     x = torch.zeros(4, 32, device=device)
     with pytest.raises(ValueError, match="does not match"):
         fused_linear_lora(x, torch.zeros(8, 16, device=device), None, None, None, None, None, None)
+    b = make_batch(tokens=4, in_features=32, outs=[8, 8], r_max=8, num_slots=3, device=device)
+    meta = build_lora_meta(b.token_slots, b.token_weights, 3, device)
+    w = torch.zeros(16, 32, device=device)
+    other_rank = [b.lora_b[0], torch.zeros(3, 8, 16, device=device)]
+    with pytest.raises(ValueError, match="B slices must share"):
+        fused_linear_lora(x, w, None, b.lora_a, other_rank, b.ranks, b.scales, meta)
+    with pytest.raises(ValueError, match="rows; meta has"):
+        fused_linear_lora(x[:3], w, None, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
     with pytest.raises(ValueError, match="bias"):
         fused_linear_lora(
             x, torch.zeros(8, 32, device=device), torch.zeros(7, device=device),
