@@ -99,3 +99,13 @@ def make_batch(
         token_weights=weights,
         num_slots=num_slots,
     )
+
+
+def linear_weights(
+    n_out: int, in_features: int, dtype: torch.dtype, device, seed: int = 5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A base projection's random weight [n_out, in] (std 1/8) and bias [n_out]."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(n_out, in_features, generator=gen) / 8).to(dtype).to(device)
+    bias = torch.randn(n_out, generator=gen).to(dtype).to(device)
+    return weight, bias

@@ -6,16 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernels_assert import assert_close
-from kernels_cases import DTYPES, make_batch
+from kernels_cases import DTYPES, linear_weights, make_batch
 
 from kernels import add_lora_ref, build_lora_meta, fused_linear_lora
-
-
-def _weights(n_out: int, in_features: int, dtype, device, seed=5):
-    gen = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(n_out, in_features, generator=gen) / 8).to(dtype).to(device)
-    bias = torch.randn(n_out, generator=gen).to(dtype).to(device)
-    return weight, bias
 
 
 def _check(device, dtype, *, tokens, in_features, outs, r_max=16, k=1, popularity="uniform",
@@ -33,7 +26,7 @@ def _check(device, dtype, *, tokens, in_features, outs, r_max=16, k=1, popularit
         device=device,
         seed=seed,
     )
-    weight, bias_t = _weights(sum(outs), in_features, dtype, device, seed + 1)
+    weight, bias_t = linear_weights(sum(outs), in_features, dtype, device, seed + 1)
     bias_t = bias_t if bias else None
     meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, device, mode=mode)
     y = fused_linear_lora(
@@ -76,7 +69,7 @@ def test_fused_without_adapters_is_the_projection(device) -> None:
     """No meta, a base-only batch and an empty batch: the plain GEMM (and no LoRA launch)."""
     dtype = torch.float16
     x = torch.randn(9, 72, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
-    weight, bias = _weights(56, 72, dtype, device)
+    weight, bias = linear_weights(56, 72, dtype, device)
     atol, rtol = DTYPES[dtype]
     want = F.linear(x, weight, bias)
     assert_close(fused_linear_lora(x, weight, bias, None, None, None, None, None), want,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernels_assert import assert_close
-from kernels_cases import DTYPES, make_batch
+from kernels_cases import DTYPES, linear_weights, make_batch
 
 from kernels import add_lora_ref, build_lora_meta, linear_beside_lora, overlapped
 
@@ -35,12 +35,8 @@ def _expected(b, weight, bias, meta) -> torch.Tensor:
     return y
 
 
-def _weights(b, dtype, device, seed=5):
-    gen = torch.Generator().manual_seed(seed)
-    n_out = sum(x.shape[1] for x in b.lora_b)
-    weight = (torch.randn(n_out, b.x.shape[1], generator=gen) / 8).to(dtype).to(device)
-    bias = torch.randn(n_out, generator=gen).to(dtype).to(device)
-    return weight, bias
+def _weights(b, dtype, device):
+    return linear_weights(sum(x.shape[1] for x in b.lora_b), b.x.shape[1], dtype, device)
 
 
 @pytest.mark.parametrize("fresh", [True, False])
