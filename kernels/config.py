@@ -7,6 +7,13 @@ shrink, ``out`` for the expand and the fused GEMM, whose entries also carry ``in
 ``default.json`` serves GPUs without a file and the CPU interpreter. Lookup: the smallest
 bucket with ``max_tokens >= T`` (else the largest), then the entry whose ``dim`` (and ``in``,
 where given) is nearest in log scale.
+
+Shrink entries may also carry ``min_work``: the entry applies to launches with at least that
+many (tile, adapter, slice) units of work (``grid_tiles * tile_k * slices``), and the one with
+the largest ``min_work`` that fits wins. The token count alone does not say how much work a
+decode step holds: 64 tokens on one adapter are one tile, on 64 adapters 64 tiles. Split-K
+spreads few tiles over the GPU, but every split is a partial sum that the expand reads back,
+so many tiles want fewer splits (measured: docs/benchmarks.md, seventh pass).
 """
 
 from __future__ import annotations
@@ -43,10 +50,12 @@ def load_config(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _pick(entries: list[dict], num_tokens: int, dim: int, in_dim: int | None = None) -> dict:
+def _pick(
+    entries: list[dict], num_tokens: int, dim: int, in_dim: int | None = None, work: int = 0
+) -> dict:
     buckets = sorted({e["max_tokens"] for e in entries})
     bucket = next((b for b in buckets if b >= num_tokens), buckets[-1])
-    same = [e for e in entries if e["max_tokens"] == bucket]
+    same = [e for e in entries if e["max_tokens"] == bucket and e.get("min_work", 0) <= work]
 
     def distance(e: dict) -> float:
         d = abs(math.log(e.get("dim", dim) / dim)) if dim else 0.0
@@ -54,21 +63,33 @@ def _pick(entries: list[dict], num_tokens: int, dim: int, in_dim: int | None = N
             d += abs(math.log(e["in"] / in_dim))
         return d
 
-    return min(same, key=distance)
+    # nearest size first; among entries of that size, the most work that fits
+    return min(same, key=lambda e: (distance(e), -e.get("min_work", 0)))
+
+
+_KEYS = ("max_tokens", "dim", "in", "min_work")
 
 
 @functools.cache
-def _lookup(name: str, op: str, num_tokens: int, dim: int, in_dim: int | None) -> dict:
-    entry = _pick(load_config(name)[op], num_tokens, dim, in_dim)
-    return {k: v for k, v in entry.items() if k not in ("max_tokens", "dim", "in")}
+def _lookup(
+    name: str, op: str, num_tokens: int, dim: int, in_dim: int | None, work: int = 0
+) -> dict:
+    entry = _pick(load_config(name)[op], num_tokens, dim, in_dim, work)
+    return {k: v for k, v in entry.items() if k not in _KEYS}
 
 
 def kernel_config(
-    op: str, num_tokens: int, dim: int, device: torch.device | str, in_dim: int | None = None
+    op: str,
+    num_tokens: int,
+    dim: int,
+    device: torch.device | str,
+    in_dim: int | None = None,
+    work: int = 0,
 ) -> dict:
     """Launch parameters of ``op`` ("shrink", "expand" or "fused") for T tokens and size
-    ``dim`` (and, for the fused GEMM, whose entries carry both, ``in_dim``)."""
-    return _lookup(gpu_config_name(device), op, num_tokens, dim, in_dim)
+    ``dim`` (and, for the fused GEMM, whose entries carry both, ``in_dim``); for the shrink,
+    ``work`` (tile, adapter, slice) units pick among entries with ``min_work``."""
+    return _lookup(gpu_config_name(device), op, num_tokens, dim, in_dim, work)
 
 
 def fused_max_tokens(device: torch.device | str, lora: bool) -> int:

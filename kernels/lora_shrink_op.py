@@ -8,7 +8,9 @@ to the largest rank of the plan, so rows above an adapter's rank are never loade
 of a lower rank than ``r_max`` cost no padded chunks. The K dimension is split across programs
 (split-K, as in Punica's BGMV shrink) so that decode batches of a few tokens still spread
 over the whole GPU; the partial sums are added by the expand, not with atomics, which keeps
-the result deterministic and needs no zeroed buffer.
+the result deterministic and needs no zeroed buffer. The expand reads every split back, so a
+launch with many tiles (many adapters, or K > 1) takes fewer splits: the tuned configs carry
+``min_work`` entries for that (kernels.config).
 
 Based on: Punica (Chen et al. 2023) SGMV/BGMV, S-LoRA (Sheng et al. 2023), vLLM punica ops.
 Ideas only; the code is ours.
@@ -25,6 +27,7 @@ from triton.language.extra.cuda import gdc_launch_dependents
 
 from kernels._common import (
     INTERPRET,
+    SLICES_PER_LAUNCH,
     cdiv,
     check_meta,
     check_operands,
@@ -205,7 +208,9 @@ def _plan(x, lora_a, ranks, meta: LoraBatchMeta, config: dict | None, pdl: bool)
         raise ValueError(f"lora_shrink: x must be [T, {in_features}] with contiguous rows")
     if any(a.shape != lora_a[0].shape or a.stride() != lora_a[0].stride() for a in lora_a):
         raise ValueError("lora_shrink: all A slices must share shape and strides")
-    cfg = config or kernel_config("shrink", t, in_features, x.device)
+    # (tile, adapter, slice) units one launch covers: with many, fewer K splits do better
+    work = meta.grid_tiles * meta.tile_k * min(n_slices, SLICES_PER_LAUNCH)
+    cfg = config or kernel_config("shrink", t, in_features, x.device, work=work)
     block_k = min(cfg["BLOCK_K"], max(16, next_pow2(in_features)))
     k_per_split = cdiv(cdiv(in_features, cfg["SPLIT_K"]), block_k) * block_k
     num_splits = cdiv(in_features, k_per_split)

@@ -1,6 +1,6 @@
 """Sweep the kernels' launch parameters on this GPU and write kernels/configs/<GPU>.json.
 
-    python -m kernels.tune [--out-dir kernels/configs] [--quick]
+    python -m kernels.tune [--out-dir kernels/configs] [--quick] [--wide-only]
 
 For every token count of the benchmark (1 ... 4096) and every tile height ``block_m``: the
 shrink configs are timed alone, then the expand configs inside the whole ``add_lora`` (the
@@ -10,7 +10,11 @@ Llama-2-7B projections (in=4096), rank 16, K=1, adapters {1, 8, 64} (capped at T
 is the sum of the times over adapter counts. Every time is the median of
 triton.testing.do_bench over replays of a CUDA graph holding one call (L2 flushed before each):
 eager timings of such short kernels measure Python's launch overhead, not the GPU.
-One JSON line per measurement goes to stdout.
+Then the *wide* shrink entries (``min_work``, see kernels.config): per token bucket of 16 or
+more tokens, the shrink configs timed in the whole ``add_lora`` on steps with many tiles (64
+distinct adapters, K=1; top-2 plans over 8 adapters, K=2), each with the bucket's tuned
+expand; an entry is written where it beats the bucket's own shrink. ``--wide-only`` redoes
+just these and keeps the rest of the file. One JSON line per measurement goes to stdout.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from kernels import add_lora, build_lora_meta, lora_shrink
 from kernels._bench import ADAPTERS, SHAPES, TOKENS, graph_ms, make_problem
-from kernels.config import CONFIG_DIR, gpu_config_name
+from kernels.config import CONFIG_DIR, _pick, gpu_config_name
 
 SHRINK = [  # (BLOCK_K, SPLIT_K, num_warps, num_stages)
     (256, 16, 4, 1),
@@ -44,6 +48,10 @@ EXPAND = [  # (BLOCK_N, num_warps, num_stages)
     (256, 8, 1),
     (512, 8, 1),
 ]
+
+
+# Steps with many tiles (adapters, K, mode) that the wide shrink entries are tuned on.
+WIDE = [(64, 1, "plan"), (8, 2, "plan")]
 
 
 def block_ms_for(tokens: int) -> list[int]:
@@ -173,15 +181,79 @@ def tune(quick: bool = False) -> dict:
     return result
 
 
+def _block_m(cfg: dict, tokens: int) -> int:
+    return next((bm for t, bm in cfg["block_m"] if tokens <= t), cfg["block_m"][-1][1])
+
+
+def _config_params(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k not in ("max_tokens", "dim", "in", "min_work")}
+
+
+def tune_wide(tuned: dict, quick: bool = False) -> list[dict]:
+    """Shrink entries with ``min_work`` for steps with many tiles (see the module docstring),
+    against the block_m, shrink and expand entries of ``tuned``."""
+    in_f = SHAPES[0][0]
+    outs = [o for i, o in SHAPES if i == in_f]
+    rep = 5 if quick else 10
+    entries = []
+    for t in (t for t in TOKENS if t >= 16):
+        cases = []
+        for d, k, mode in WIDE:
+            for o in outs:
+                p = make_problem(t, in_f, o, adapters=d, k=k, seed=t + d + k)
+                meta = build_lora_meta(
+                    p.slots, p.weights, 64, block_m=_block_m(tuned, t), mode=mode
+                )
+                cases.append((p, meta, _config_params(_pick(tuned["expand"], t, o))))
+        min_work = min(m.grid_tiles * m.tile_k for _, m, _ in cases)
+        own = _config_params(_pick(tuned["shrink"], t, in_f))
+        scores = []
+        for c in SHRINK:
+            cfg = _shrink_cfg(c)
+            per = [
+                _time(
+                    lambda p=p, m=m, e=e, cfg=cfg: add_lora(
+                        p.y, p.x, [p.a], [p.b], p.ranks, p.scales, m,
+                        shrink_config=cfg, expand_config=e,
+                    ),
+                    rep,
+                )
+                for p, m, e in cases
+            ]  # fmt: skip
+            line = {"tune": "wide", "tokens": t, "min_work": min_work, **cfg}
+            print(json.dumps({**line, "us": [round(v * 1e3, 2) for v in per]}))
+            scores.append((sum(per), cfg))
+        own_score = next((v for v, cfg in scores if cfg == own), None)
+        best_score, best = min(scores, key=lambda v: v[0])
+        if best != own and (own_score is None or best_score < own_score):
+            entries.append({"max_tokens": t, "dim": in_f, "min_work": min_work, **best})
+        print(json.dumps({"tune": "wide best", "tokens": t, "us": best_score * 1e3,
+                          "own_us": None if own_score is None else own_score * 1e3,
+                          "shrink": best}))  # fmt: skip
+    return entries
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", type=Path, default=CONFIG_DIR)
     ap.add_argument("--quick", action="store_true", help="shorter timings")
+    ap.add_argument("--wide-only", action="store_true", help="redo only the min_work entries")
     args = ap.parse_args()
-    cfg = tune(args.quick)
     path = args.out_dir / f"{gpu_config_name('cuda')}.json"
-    if path.exists():  # keep what other sweeps wrote (the fused GEMM's entries and limits)
-        cfg = {**json.loads(path.read_text()), **cfg}
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if args.wide_only:
+        if not old:
+            raise SystemExit(f"--wide-only needs a tuned {path}")
+        cfg = old
+    else:  # keep what other sweeps wrote (the fused GEMM's entries and limits)
+        cfg = {**old, **tune(args.quick)}
+    cfg["shrink"] = [e for e in cfg["shrink"] if "min_work" not in e]
+    cfg["shrink"] += tune_wide(cfg, args.quick)
+    cfg["wide_notes"] = (
+        f"min_work shrink entries: python -m kernels.tune --wide-only, {time.strftime('%Y-%m-%d')}"
+        f", torch {torch.__version__}; add_lora graph replays on 64 distinct adapters (K=1) and "
+        "top-2 plans over 8 (K=2)"
+    )
     path.write_text(json.dumps(cfg, indent=1) + "\n")
     print(json.dumps({"tune": "written", "path": str(path)}))
 

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from kernels.config import CONFIG_DIR, _pick, block_m_for, kernel_config, load_config
+from kernels.config import (
+    CONFIG_DIR,
+    _lookup,
+    _pick,
+    block_m_for,
+    kernel_config,
+    load_config,
+)
 
 FILES = sorted(CONFIG_DIR.glob("*.json"))
 
@@ -22,6 +29,7 @@ def test_config_file_schema(path) -> None:
     for e in cfg["shrink"]:
         assert _pow2(e["BLOCK_K"]) and e["BLOCK_K"] >= 16 and e["SPLIT_K"] >= 1
         assert _pow2(e["num_warps"]) and e["num_stages"] >= 1 and e["max_tokens"] >= 1
+        assert e.get("min_work", 0) >= 0
     for e in cfg["expand"]:
         assert _pow2(e["BLOCK_N"]) and e["BLOCK_N"] >= 16
         assert _pow2(e["num_warps"]) and e["num_stages"] >= 1 and e["max_tokens"] >= 1
@@ -37,6 +45,36 @@ def test_lookup_takes_smallest_bucket_then_nearest_dim() -> None:
     assert _pick(entries, 16, 14336)["v"] == 2
     assert _pick(entries, 17, 11008)["v"] == 3
     assert _pick(entries, 10_000, 4096)["v"] == 3  # past the last bucket: the largest
+
+
+def test_shrink_entries_with_min_work_apply_from_that_much_work() -> None:
+    """Within the nearest size, the entry with the most min_work that fits wins; an entry of
+    another bucket or size never does."""
+    entries = [
+        {"max_tokens": 64, "dim": 4096, "v": "few"},
+        {"max_tokens": 64, "dim": 4096, "min_work": 48, "v": "many"},
+        {"max_tokens": 64, "dim": 4096, "min_work": 200, "v": "lots"},
+        {"max_tokens": 64, "dim": 11008, "min_work": 1, "v": "other dim"},
+        {"max_tokens": 256, "dim": 4096, "min_work": 1, "v": "other bucket"},
+    ]
+    assert _pick(entries, 64, 4096)["v"] == "few"  # work 0: no min_work entry applies
+    assert _pick(entries, 64, 4096, work=47)["v"] == "few"
+    assert _pick(entries, 64, 4096, work=48)["v"] == "many"
+    assert _pick(entries, 33, 4096, work=199)["v"] == "many"
+    assert _pick(entries, 64, 4096, work=10_000)["v"] == "lots"
+    assert _pick(entries, 64, 11008, work=0)["v"] == "few"  # the only entry that fits
+
+
+def test_h100_wide_shrink_entries_are_found_by_work() -> None:
+    """The tuned file's min_work entries (kernels.tune) come back for that much work, without
+    their keys, and the bucket's own entry for less."""
+    name = "NVIDIA_H100_80GB_HBM3"
+    wide = [e for e in load_config(name)["shrink"] if "min_work" in e]
+    assert wide, "kernels.tune wrote no min_work entry"
+    for e in wide:
+        params = {k: v for k, v in e.items() if k not in ("max_tokens", "dim", "min_work")}
+        assert _lookup(name, "shrink", e["max_tokens"], e["dim"], None, e["min_work"]) == params
+        assert _lookup(name, "shrink", e["max_tokens"], e["dim"], None, 0) != params
 
 
 def test_fused_entries_are_picked_by_out_and_in() -> None:
