@@ -8,9 +8,12 @@ path, cold and warm (bench/engine_pool.py); transformers + PEFT
 with the base model, one merged adapter and a mixed batch over 8 adapters
 (``adapter_names=``). The memory roofline of a decode step is the bytes of weights and KV read
 per step over the D2D copy bandwidth measured in the same run (read + write counted).
+Every case is timed ``--repeats`` times after a warm-up run and the best run is reported, as
+the issue's transformers and PEFT anchors were (best of 3), for both engines; our lines also
+carry every run (``tok_s_runs``) and the ratio of the medians (``vs_no_adapter_median``).
 
     python bench/engine_bench.py [--batches 32 64] [--peft-new-tokens 32] [--skip-peft] [--pool 0]
-                                 [--cases no_adapter ...] [--compare-single-grid]
+                                 [--cases no_adapter ...] [--repeats 3] [--compare-single-grid]
                                  [--compare-send-order]
 """
 
@@ -225,11 +228,16 @@ async def ours(args, bw: float) -> None:
                 engine.runner.tile_pads = variant
             engine.send_after_launch = variant != "send_first"
             await run_case(engine, batch, plans, prompts)  # warm: Triton JIT of new shapes
-            r = await run_case(engine, batch, plans, prompts)
+            # best of --repeats, as the issue's transformers and PEFT anchors (every run is
+            # printed too: a run with slow eager steps shows in tok_s_runs)
+            runs_ = [await run_case(engine, batch, plans, prompts) for _ in range(args.repeats)]
+            r = max(runs_, key=lambda v: v["tok_s"])
+            tok_s_runs = sorted(v["tok_s"] for v in runs_)
+            median = tok_s_runs[len(tok_s_runs) // 2]
             engine.runner.tile_pads = saved
             engine.send_after_launch = True
             roof = batch / (decode_step_bytes(engine.model, batch, PROMPT + NEW / 2) / bw)
-            base = bases[batch] = base or r["tok_s"]
+            base = bases[batch] = base or (r["tok_s"], median)
             emit(
                 engine="loraserve",
                 case=name,
@@ -238,10 +246,12 @@ async def ours(args, bw: float) -> None:
                 prompt=PROMPT,
                 new_tokens=NEW,
                 tok_s=round(r["tok_s"], 1),
+                tok_s_runs=[round(v, 1) for v in tok_s_runs],
                 decode_tok_s=round(r["decode_tok_s"], 1),
                 roofline_tok_s=round(roof, 1),
                 roofline_fraction=round(r["decode_tok_s"] / roof, 3),
-                vs_no_adapter=round(r["tok_s"] / base, 3),
+                vs_no_adapter=round(r["tok_s"] / base[0], 3),
+                vs_no_adapter_median=round(median / base[1], 3),
                 distinct_adapters=len({tuple(plan(i)) for i in range(batch)}),
                 **{k: v for k, v in r.items() if k.endswith(("_s", "_steps")) and "tok_s" not in k},
             )
@@ -255,7 +265,7 @@ async def ours(args, bw: float) -> None:
             engine="loraserve",
             batch=64,
             **{k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()},
-            **({"vs_no_adapter": round(row["tok_s"] / bases[64], 3)} if "tok_s" in row else {}),
+            **({"vs_no_adapter": round(row["tok_s"] / bases[64][0], 3)} if "tok_s" in row else {}),
         )
     emit(
         case="engine_stats",
@@ -300,6 +310,9 @@ def peft_baselines(args) -> None:
         torch.cuda.synchronize()
         return batch * new / (time.perf_counter() - t)
 
+    def best_tok_s(model, batch, **kw) -> float:  # best of --repeats, as the issue's anchors
+        return max(gen_tok_s(model, batch, **kw) for _ in range(args.repeats))
+
     info = {
         "transformers": transformers.__version__,
         "peft": peft.__version__,
@@ -308,7 +321,7 @@ def peft_baselines(args) -> None:
     }
     gen_tok_s(hf, 8)  # warm-up
     for b in args.batches:
-        emit(engine="hf", case="base", batch=b, tok_s=round(gen_tok_s(hf, b), 1), **info)
+        emit(engine="hf", case="base", batch=b, tok_s=round(best_tok_s(hf, b), 1), **info)
     model = get_peft_model(
         hf, LoraConfig(r=RANK, lora_alpha=32, target_modules=targets), adapter_name="a0"
     )
@@ -326,7 +339,7 @@ def peft_baselines(args) -> None:
             engine="hf+peft",
             case="one_merged",
             batch=b,
-            tok_s=round(gen_tok_s(model, b), 1),
+            tok_s=round(best_tok_s(model, b), 1),
             **info,
         )
     model.unmerge_adapter()
@@ -336,7 +349,7 @@ def peft_baselines(args) -> None:
             engine="hf+peft",
             case="8_distinct_adapter_names",
             batch=b,
-            tok_s=round(gen_tok_s(model, b, adapter_names=names), 1),
+            tok_s=round(best_tok_s(model, b, adapter_names=names), 1),
             **info,
         )
 
@@ -347,6 +360,9 @@ def main() -> None:
     p.add_argument("--graph-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 48, 64])
     p.add_argument("--peft-new-tokens", type=int, default=32)
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="measured runs per case (best reported, all printed)"
+    )
     p.add_argument("--cases", nargs="+", help="run only these cases (default: all)")
     p.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens per step")
     p.add_argument("--pool", type=int, default=1000, help="registered adapters; 0 = no pool case")

@@ -195,11 +195,15 @@ def _column_layout(slots: np.ndarray, weights: np.ndarray, block_m: int) -> _Lay
 
 def _column_is_cheaper(plan: _Layout, column: _Layout, num_tokens: int, k: int) -> bool:
     """Compare adapter-weight loads per tile (plan tiles load every adapter of their plan,
-    mostly from L2 when plans repeat adapters: weighted 1/2) against column mode's extra
+    mostly from L2 when plans repeat adapters: weighted 3/8) against column mode's extra
     passes over x and y. Units of 8 KiB: one rank-16 adapter of a 4096-wide projection is
-    A + B = 256 KiB = 32 units, one token's x row and y row read and written 3 units."""
+    A + B = 256 KiB = 32 units, one token's x row and y row read and written 3 units.
+    (The weight was 1/2 before the shrink's configs took fewer splits on many tiles; with
+    them, measured on the H100 at 64 tokens over top-2 plans of 8 adapters, plan mode costs
+    1.45x K=1 and column mode 1.78x, while at 256-4096 tokens over 64 adapters column mode
+    still wins by 2-8x: docs/benchmarks.md, seventh pass.)"""
     plan_loads = int((plan.slots >= 0).sum())
-    return 16 * plan_loads > 32 * len(column.start) + 3 * (k - 1) * num_tokens
+    return 12 * plan_loads > 32 * len(column.start) + 3 * (k - 1) * num_tokens
 
 
 def _pick_pad(pad_tiles_to: int | Sequence[int] | None, needed: int) -> int | None:
