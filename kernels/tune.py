@@ -13,7 +13,7 @@ eager timings of such short kernels measure Python's launch overhead, not the GP
 Then the *wide* shrink entries (``min_work``, see kernels.config): per token bucket of 16 or
 more tokens, the shrink configs timed in the whole ``add_lora`` on steps with many tiles (64
 distinct adapters, K=1; top-2 plans over 8 adapters, K=2), each with the bucket's tuned
-expand; an entry is written where it beats the bucket's own shrink. ``--wide-only`` redoes
+expand; an entry is written where it beats the bucket's own shrink by 3% or more. ``--wide-only`` redoes
 just these and keeps the rest of the file. One JSON line per measurement goes to stdout.
 """
 
@@ -50,8 +50,10 @@ EXPAND = [  # (BLOCK_N, num_warps, num_stages)
 ]
 
 
-# Steps with many tiles (adapters, K, mode) that the wide shrink entries are tuned on.
+# Steps with many tiles (adapters, K, mode) that the wide shrink entries are tuned on, and
+# how much faster than the bucket's own shrink an entry must be to be written.
 WIDE = [(64, 1, "plan"), (8, 2, "plan")]
+MIN_GAIN = 0.03
 
 
 def block_ms_for(tokens: int) -> list[int]:
@@ -225,7 +227,8 @@ def tune_wide(tuned: dict, quick: bool = False) -> list[dict]:
             scores.append((sum(per), cfg))
         own_score = next((v for v, cfg in scores if cfg == own), None)
         best_score, best = min(scores, key=lambda v: v[0])
-        if best != own and (own_score is None or best_score < own_score):
+        # a gain within timing noise is no reason for a second entry
+        if best != own and (own_score is None or best_score < (1 - MIN_GAIN) * own_score):
             entries.append({"max_tokens": t, "dim": in_f, "min_work": min_work, **best})
         print(json.dumps({"tune": "wide best", "tokens": t, "us": best_score * 1e3,
                           "own_us": None if own_score is None else own_score * 1e3,
