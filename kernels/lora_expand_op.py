@@ -97,13 +97,10 @@ def _lora_expand_kernel(
         s, b0_ptr, b1_ptr, b2_ptr, out0, out1, out2, off0, off1, off2, sbs0, sbs1, sbs2, N_SLICES
     )
 
-    kj = tl.arange(0, KP)
-    slot_j = tl.load(tile_slots_ptr + tile * TILE_K + kj, mask=kj < TILE_K, other=-1)
-    rank_j = tl.load(ranks_ptr + s * num_slots + slot_j, mask=slot_j >= 0, other=0)
-    max_rank = tl.minimum(tl.max(rank_j, axis=0), R_MAX)  # the shrink's chunks, exactly
-
-    if (max_rank > 0) & (n0 < out_s):
-        n_rows = tl.load(tile_len_ptr + tile)
+    # Tiles are told apart from padding by their length, not by their ranks: the y and B
+    # loads then wait for one round trip to memory, not two (the ranks arrive meanwhile).
+    n_rows = tl.load(tile_len_ptr + tile)
+    if (n_rows > 0) & (n0 < out_s):
         row0 = tl.load(tile_start_ptr + tile)
         offs_m = tl.arange(0, BLOCK_M)
         row_ok = offs_m < n_rows
@@ -111,7 +108,6 @@ def _lora_expand_kernel(
         col0 = tl.load(tile_col_ptr + tile)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < out_s
-        offs_r = tl.arange(0, RANK_CHUNK)
         h_rows = h_ptr + s * stride_hs + tok[:, None] * stride_ht + col0 * R_MAX
         # y and B do not depend on the shrink: with programmatic dependent launch (PDL) they
         # are requested before waiting for the shrink's grid, so their latency overlaps it.
@@ -120,44 +116,73 @@ def _lora_expand_kernel(
         y_old = tl.load(y_tile, mask=y_mask, other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         # One dot per adapter of the tile: with a scalar slot, B's rows are contiguous along r
-        # and its loads 16 bytes wide (a stacked, gathered tile's are not).
+        # and its loads 16 bytes wide (a stacked, gathered tile's are not). The first rank
+        # chunk is loaded once the slot is known; later ones once its rank is.
         for k in tl.static_range(TILE_K):
             slot = tl.load(tile_slots_ptr + tile * TILE_K + k)
             rank = tl.load(ranks_ptr + s * num_slots + slot, mask=slot >= 0, other=0)
             rank = tl.minimum(rank, R_MAX)
             b_rows = b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs
-            for r0 in range(0, rank, RANK_CHUNK):
-                r = r0 + offs_r
-                if EVEN_R:  # no chunk crosses r_max
-                    hm = row_ok[:, None]
-                    bm = n_ok[None, :]
-                else:
-                    hm = row_ok[:, None] & (r < R_MAX)[None, :]
-                    bm = n_ok[None, :] & (r < R_MAX)[:, None]
-                bt = tl.load(b_rows + offs_n[None, :] * stride_bn + r[:, None], mask=bm, other=0.0)
-                # Rows above the slot's rank may hold a previous adapter's weights.
-                bt = tl.where((r < rank)[:, None], bt, tl.zeros_like(bt))
-                w = tl.load(row_weights_ptr + (row0 + offs_m) * TILE_K + k, mask=row_ok)
-                scale = tl.load(scales_ptr + s * num_slots + slot)
-                if USE_PDL:
-                    gdc_wait()  # the shrink's h is complete and visible past this point
-                # The shrink wrote these chunks whole (zeros above each rank).
-                hs = tl.zeros([BLOCK_M, RANK_CHUNK], dtype=tl.float32)
-                for sp in tl.static_range(NUM_SPLITS):
-                    hs += tl.load(
-                        h_rows + sp * stride_hsp + k * R_MAX + r[None, :], mask=hm, other=0.0
-                    )
-                hs = hs * (w * scale)[:, None]
-                if UPCAST:  # the interpreter mishandles bf16 arithmetic
-                    acc += tl.dot(hs, bt.to(tl.float32), input_precision=DOT_PRECISION)
-                else:
-                    acc += tl.dot(hs.to(bt.dtype), bt, input_precision=DOT_PRECISION)
+            w = tl.load(row_weights_ptr + (row0 + offs_m) * TILE_K + k, mask=row_ok)
+            scale = tl.load(scales_ptr + s * num_slots + tl.maximum(slot, 0))
+            acc = _expand_chunk(
+                acc, 0, slot >= 0, rank, k, row_ok, n_ok, offs_n, b_rows, h_rows, w * scale,
+                stride_bn, stride_hsp, RANK_CHUNK, R_MAX, NUM_SPLITS, BLOCK_M, EVEN_R, UPCAST,
+                DOT_PRECISION, USE_PDL,
+            )  # fmt: skip
+            for r0 in range(RANK_CHUNK, rank, RANK_CHUNK):
+                acc = _expand_chunk(
+                    acc, r0, slot >= 0, rank, k, row_ok, n_ok, offs_n, b_rows, h_rows,
+                    w * scale, stride_bn, stride_hsp, RANK_CHUNK, R_MAX, NUM_SPLITS, BLOCK_M,
+                    EVEN_R, UPCAST, DOT_PRECISION, USE_PDL,
+                )  # fmt: skip
         # The delta is rounded to y's dtype before it is added, as PEFT adds its lora_B output;
         # a delta kept in a buffer of its own (kernels.linear_beside_lora) then sums the same.
         delta = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+        # A tile whose adapters all have rank 0 here (adapters without this module) leaves y
+        # untouched; its ranks arrived long before this point.
+        kj = tl.arange(0, KP)
+        slot_j = tl.load(tile_slots_ptr + tile * TILE_K + kj, mask=kj < TILE_K, other=-1)
+        rank_j = tl.load(ranks_ptr + s * num_slots + slot_j, mask=slot_j >= 0, other=0)
+        y_mask = y_mask & (tl.max(rank_j, axis=0) > 0)
         tl.store(y_tile, (y_old.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
     if USE_PDL:  # idle programs too: this grid never completes before the shrink's
         gdc_wait()
+
+
+@triton.jit
+def _expand_chunk(
+    acc, r0, used, rank, k, row_ok, n_ok, offs_n, b_rows, h_rows, row_scale,
+    stride_bn, stride_hsp,
+    RANK_CHUNK: tl.constexpr, R_MAX: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, EVEN_R: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """acc + (h rows r0 .. r0 + RANK_CHUNK - 1 of adapter k, summed over the K splits and
+    scaled per row) @ (B rows r0 ...); B rows and h columns at or above ``rank`` count as zero
+    (B's may hold a previous adapter's weights, h's were not written for a rank-0 slot)."""
+    offs_r = tl.arange(0, RANK_CHUNK)
+    r = r0 + offs_r
+    live = r < rank
+    if EVEN_R:  # no chunk crosses r_max
+        hm = row_ok[:, None]
+        bm = n_ok[None, :] & used
+    else:
+        hm = row_ok[:, None] & (r < R_MAX)[None, :]
+        bm = n_ok[None, :] & (r < R_MAX)[:, None] & used
+    bt = tl.load(b_rows + offs_n[None, :] * stride_bn + r[:, None], mask=bm, other=0.0)
+    bt = tl.where(live[:, None], bt, tl.zeros_like(bt))
+    if USE_PDL:
+        gdc_wait()  # the shrink's h is complete and visible past this point
+    hs = tl.zeros([BLOCK_M, RANK_CHUNK], dtype=tl.float32)
+    for sp in tl.static_range(NUM_SPLITS):
+        hs += tl.load(h_rows + sp * stride_hsp + k * R_MAX + r[None, :], mask=hm, other=0.0)
+    hs = tl.where(live[None, :], hs * row_scale[:, None], 0.0)
+    if UPCAST:  # the interpreter mishandles bf16 arithmetic
+        acc += tl.dot(hs, bt.to(tl.float32), input_precision=DOT_PRECISION)
+    else:
+        acc += tl.dot(hs.to(bt.dtype), bt, input_precision=DOT_PRECISION)
+    return acc
 
 
 _launch_expand = Launcher(_lora_expand_kernel, unspecialized=_UNSPECIALIZED)

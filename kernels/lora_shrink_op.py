@@ -4,8 +4,9 @@ One program per (tile, K split, slice). A tile is a run of tokens sharing one pl
 :mod:`kernels.metadata`), so the program gathers the tile's x rows once per K block and
 multiplies them on the tensor cores by the *stacked* A rows of all the plan's adapters
 (columns ``k * RANK_CHUNK + r``): K adapters per token cost one pass over x. Rank chunks run up
-to the largest rank of the plan, so rows above an adapter's rank are never loaded, and slots
-of a lower rank than ``r_max`` cost no padded chunks. The K dimension is split across programs
+to the largest rank of the plan, so slots of a lower rank than ``r_max`` cost no padded chunks;
+past the first chunk (loaded before the ranks arrive, its rows above a rank zeroed after the
+product) rows above an adapter's rank are not loaded. The K dimension is split across programs
 (split-K, as in Punica's BGMV shrink) so that decode batches of a few tokens still spread
 over the whole GPU; the partial sums are added by the expand, not with atomics, which keeps
 the result deterministic and needs no zeroed buffer. The expand reads every split back, so a
@@ -112,32 +113,58 @@ def _lora_shrink_kernel(
     x_rows = x_ptr + tok[:, None] * stride_xt
     a_rows = a_ptr + tl.maximum(slot_j, 0).to(tl.int64) * stride_as
     k_lo = split * k_per_split
-    offs_k = tl.arange(0, BLOCK_K)
     h_base = h_ptr + split * stride_hsp + s * stride_hs + tok[:, None] * stride_ht + col0 * R_MAX
 
-    for r0 in range(0, max_rank, RANK_CHUNK):
-        r = r0 + rj
-        col_ok = r < rank_j
-        a_cols = a_rows[None, :] + r[None, :] * stride_ar
-        acc = tl.zeros([BLOCK_M, KP * RANK_CHUNK], dtype=tl.float32)
-        for kk in range(0, k_per_split, BLOCK_K):
-            k = k_lo + kk + offs_k
-            if EVEN_K:
-                xt = tl.load(x_rows + k[None, :], mask=row_ok[:, None], other=0.0)
-                at = tl.load(a_cols + k[:, None], mask=col_ok[None, :], other=0.0)
-            else:
-                k_ok = k < in_features
-                xt = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                at = tl.load(a_cols + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            if UPCAST:  # the interpreter mishandles bf16 arithmetic
-                xt = xt.to(tl.float32)
-                at = at.to(tl.float32)
-            acc += tl.dot(xt, at, input_precision=DOT_PRECISION)
-        if EVEN_R:  # no chunk crosses r_max
-            h_mask = row_ok[:, None] & (kj < TILE_K)[None, :]
+    # The first rank chunk is loaded as soon as the slots are known, not after their ranks
+    # (a second dependent round trip to memory at the head of every program): its rows at or
+    # above a rank are loaded too, and zeroed after the product. Later chunks mask their loads.
+    if n_rows > 0:  # (for a tile whose ranks are all 0 here the expand stores nothing)
+        _shrink_chunk(
+            0, (slot_j >= 0) & (rj < R_MAX), rank_j, kj, rj, row_ok, x_rows, a_rows, h_base,
+            k_lo, k_per_split, in_features, stride_ar, TILE_K, KP, RANK_CHUNK, R_MAX, BLOCK_M,
+            BLOCK_K, EVEN_K, EVEN_R, UPCAST, DOT_PRECISION,
+        )  # fmt: skip
+    for r0 in range(RANK_CHUNK, max_rank, RANK_CHUNK):
+        _shrink_chunk(
+            r0, r0 + rj < rank_j, rank_j, kj, rj, row_ok, x_rows, a_rows, h_base,
+            k_lo, k_per_split, in_features, stride_ar, TILE_K, KP, RANK_CHUNK, R_MAX, BLOCK_M,
+            BLOCK_K, EVEN_K, EVEN_R, UPCAST, DOT_PRECISION,
+        )  # fmt: skip
+
+
+@triton.jit
+def _shrink_chunk(
+    r0, col_ok, rank_j, kj, rj, row_ok, x_rows, a_rows, h_base,
+    k_lo, k_per_split, in_features, stride_ar,
+    TILE_K: tl.constexpr, KP: tl.constexpr, RANK_CHUNK: tl.constexpr, R_MAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_R: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """h columns of rank rows r0 .. r0 + RANK_CHUNK - 1 (A rows loaded where ``col_ok``),
+    zeros at or above each adapter's rank, over this program's K split."""
+    r = r0 + rj
+    a_cols = a_rows[None, :] + r[None, :] * stride_ar
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, KP * RANK_CHUNK], dtype=tl.float32)
+    for kk in range(0, k_per_split, BLOCK_K):
+        k = k_lo + kk + offs_k
+        if EVEN_K:
+            xt = tl.load(x_rows + k[None, :], mask=row_ok[:, None], other=0.0)
+            at = tl.load(a_cols + k[:, None], mask=col_ok[None, :], other=0.0)
         else:
-            h_mask = row_ok[:, None] & ((kj < TILE_K) & (r < R_MAX))[None, :]
-        tl.store(h_base + kj[None, :] * R_MAX + r[None, :], acc, mask=h_mask)
+            k_ok = k < in_features
+            xt = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            at = tl.load(a_cols + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:  # the interpreter mishandles bf16 arithmetic
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        acc += tl.dot(xt, at, input_precision=DOT_PRECISION)
+    acc = tl.where((r < rank_j)[None, :], acc, 0.0)  # rows at or above a rank: zeros
+    if EVEN_R:  # no chunk crosses r_max
+        h_mask = row_ok[:, None] & (kj < TILE_K)[None, :]
+    else:
+        h_mask = row_ok[:, None] & ((kj < TILE_K) & (r < R_MAX))[None, :]
+    tl.store(h_base + kj[None, :] * R_MAX + r[None, :], acc, mask=h_mask)
 
 
 _launch_shrink = Launcher(_lora_shrink_kernel, unspecialized=("stride_hsp", "stride_hs"))
