@@ -67,15 +67,16 @@ def _pick(
     return min(same, key=lambda e: (distance(e), -e.get("min_work", 0)))
 
 
-_KEYS = ("max_tokens", "dim", "in", "min_work")
+def launch_params(entry: dict) -> dict:
+    """An entry's launch parameters, without the keys it is looked up by."""
+    return {k: v for k, v in entry.items() if k not in ("max_tokens", "dim", "in", "min_work")}
 
 
 @functools.cache
 def _lookup(
     name: str, op: str, num_tokens: int, dim: int, in_dim: int | None, work: int = 0
 ) -> dict:
-    entry = _pick(load_config(name)[op], num_tokens, dim, in_dim, work)
-    return {k: v for k, v in entry.items() if k not in _KEYS}
+    return launch_params(_pick(load_config(name)[op], num_tokens, dim, in_dim, work))
 
 
 def kernel_config(
@@ -102,7 +103,12 @@ def fused_max_tokens(device: torch.device | str, lora: bool) -> int:
 
 def block_m_for(num_tokens: int, device: torch.device | str) -> int:
     """Tokens per tile (the metadata's block_m) for a step of ``num_tokens`` tokens."""
-    table = load_config(gpu_config_name(device))["block_m"]
+    return block_m_in(load_config(gpu_config_name(device)), num_tokens)
+
+
+def block_m_in(cfg: dict, num_tokens: int) -> int:
+    """``block_m_for`` from a parsed config (the tuner's, before it is written)."""
+    table = cfg["block_m"]
     for max_tokens, bm in table:
         if num_tokens <= max_tokens:
             return int(bm)

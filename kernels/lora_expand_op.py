@@ -118,10 +118,12 @@ def _lora_expand_kernel(
         # One dot per adapter of the tile: with a scalar slot, B's rows are contiguous along r
         # and its loads 16 bytes wide (a stacked, gathered tile's are not). The first rank
         # chunk is loaded once the slot is known; later ones once its rank is.
+        max_rank = 0
         for k in tl.static_range(TILE_K):
             slot = tl.load(tile_slots_ptr + tile * TILE_K + k)
             rank = tl.load(ranks_ptr + s * num_slots + slot, mask=slot >= 0, other=0)
             rank = tl.minimum(rank, R_MAX)
+            max_rank = tl.maximum(max_rank, rank)
             b_rows = b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs
             w = tl.load(row_weights_ptr + (row0 + offs_m) * TILE_K + k, mask=row_ok)
             scale = tl.load(scales_ptr + s * num_slots + tl.maximum(slot, 0))
@@ -140,11 +142,8 @@ def _lora_expand_kernel(
         # a delta kept in a buffer of its own (kernels.linear_beside_lora) then sums the same.
         delta = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
         # A tile whose adapters all have rank 0 here (adapters without this module) leaves y
-        # untouched; its ranks arrived long before this point.
-        kj = tl.arange(0, KP)
-        slot_j = tl.load(tile_slots_ptr + tile * TILE_K + kj, mask=kj < TILE_K, other=-1)
-        rank_j = tl.load(ranks_ptr + s * num_slots + slot_j, mask=slot_j >= 0, other=0)
-        y_mask = y_mask & (tl.max(rank_j, axis=0) > 0)
+        # untouched, bit for bit.
+        y_mask = y_mask & (max_rank > 0)
         tl.store(y_tile, (y_old.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
     if USE_PDL:  # idle programs too: this grid never completes before the shrink's
         gdc_wait()
@@ -160,7 +159,7 @@ def _expand_chunk(
 ):  # fmt: skip
     """acc + (h rows r0 .. r0 + RANK_CHUNK - 1 of adapter k, summed over the K splits and
     scaled per row) @ (B rows r0 ...); B rows and h columns at or above ``rank`` count as zero
-    (B's may hold a previous adapter's weights, h's were not written for a rank-0 slot)."""
+    (B's may hold a previous adapter's weights; h's past the shrink's chunks are unwritten)."""
     offs_r = tl.arange(0, RANK_CHUNK)
     r = r0 + offs_r
     live = r < rank

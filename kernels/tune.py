@@ -13,8 +13,9 @@ eager timings of such short kernels measure Python's launch overhead, not the GP
 Then the *wide* shrink entries (``min_work``, see kernels.config): per token bucket of 16 or
 more tokens, the shrink configs timed in the whole ``add_lora`` on steps with many tiles (64
 distinct adapters, K=1; top-2 plans over 8 adapters, K=2), each with the bucket's tuned
-expand; an entry is written where it beats the bucket's own shrink by 3% or more. ``--wide-only`` redoes
-just these and keeps the rest of the file. One JSON line per measurement goes to stdout.
+expand; an entry is written where it beats the bucket's own shrink by 3% or more.
+``--wide-only`` redoes just these and keeps the rest of the file. One JSON line per
+measurement goes to stdout.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from kernels import add_lora, build_lora_meta, lora_shrink
 from kernels._bench import ADAPTERS, SHAPES, TOKENS, graph_ms, make_problem
-from kernels.config import CONFIG_DIR, _pick, gpu_config_name
+from kernels.config import CONFIG_DIR, _pick, block_m_in, gpu_config_name, launch_params
 
 SHRINK = [  # (BLOCK_K, SPLIT_K, num_warps, num_stages)
     (256, 16, 4, 1),
@@ -183,14 +184,6 @@ def tune(quick: bool = False) -> dict:
     return result
 
 
-def _block_m(cfg: dict, tokens: int) -> int:
-    return next((bm for t, bm in cfg["block_m"] if tokens <= t), cfg["block_m"][-1][1])
-
-
-def _config_params(entry: dict) -> dict:
-    return {k: v for k, v in entry.items() if k not in ("max_tokens", "dim", "in", "min_work")}
-
-
 def tune_wide(tuned: dict, quick: bool = False) -> list[dict]:
     """Shrink entries with ``min_work`` for steps with many tiles (see the module docstring),
     against the block_m, shrink and expand entries of ``tuned``."""
@@ -204,11 +197,11 @@ def tune_wide(tuned: dict, quick: bool = False) -> list[dict]:
             for o in outs:
                 p = make_problem(t, in_f, o, adapters=d, k=k, seed=t + d + k)
                 meta = build_lora_meta(
-                    p.slots, p.weights, 64, block_m=_block_m(tuned, t), mode=mode
+                    p.slots, p.weights, 64, block_m=block_m_in(tuned, t), mode=mode
                 )
-                cases.append((p, meta, _config_params(_pick(tuned["expand"], t, o))))
+                cases.append((p, meta, launch_params(_pick(tuned["expand"], t, o))))
         min_work = min(m.grid_tiles * m.tile_k for _, m, _ in cases)
-        own = _config_params(_pick(tuned["shrink"], t, in_f))
+        own = launch_params(_pick(tuned["shrink"], t, in_f))
         scores = []
         for c in SHRINK:
             cfg = _shrink_cfg(c)
@@ -253,9 +246,9 @@ def main() -> None:
     cfg["shrink"] = [e for e in cfg["shrink"] if "min_work" not in e]
     cfg["shrink"] += tune_wide(cfg, args.quick)
     cfg["wide_notes"] = (
-        f"min_work shrink entries: python -m kernels.tune --wide-only, {time.strftime('%Y-%m-%d')}"
-        f", torch {torch.__version__}; add_lora graph replays on 64 distinct adapters (K=1) and "
-        "top-2 plans over 8 (K=2)"
+        f"min_work shrink entries: python -m kernels.tune, {time.strftime('%Y-%m-%d')}, torch "
+        f"{torch.__version__}; add_lora graph replays on 64 distinct adapters (K=1) and top-2 "
+        "plans over 8 (K=2)"
     )
     path.write_text(json.dumps(cfg, indent=1) + "\n")
     print(json.dumps({"tune": "written", "path": str(path)}))
