@@ -5,8 +5,8 @@ One program per (tile, K split, slice). A tile is a run of tokens sharing one pl
 multiplies them on the tensor cores by the *stacked* A rows of all the plan's adapters
 (columns ``k * RANK_CHUNK + r``): K adapters per token cost one pass over x. Rank chunks run up
 to the largest rank of the plan, so slots of a lower rank than ``r_max`` cost no padded chunks;
-past the first chunk (loaded before the ranks arrive, its rows above a rank zeroed after the
-product) rows above an adapter's rank are not loaded. The K dimension is split across programs
+past the first chunk (loaded before the ranks arrive; its columns above a rank are never read)
+rows above an adapter's rank are not loaded. The K dimension is split across programs
 (split-K, as in Punica's BGMV shrink) so that decode batches of a few tokens still spread
 over the whole GPU; the partial sums are added by the expand, not with atomics, which keeps
 the result deterministic and needs no zeroed buffer. The expand reads every split back, so a
@@ -117,7 +117,8 @@ def _lora_shrink_kernel(
 
     # The first rank chunk is loaded as soon as the slots are known, not after their ranks
     # (a second dependent round trip to memory at the head of every program): its rows at or
-    # above a rank are loaded too, and zeroed after the product. Later chunks mask their loads.
+    # above a rank are loaded too, and their columns of h are never read. Later chunks mask
+    # their loads.
     if n_rows > 0:  # (for a tile whose ranks are all 0 here the expand stores nothing)
         _shrink_chunk(
             0, (slot_j >= 0) & (rj < R_MAX), rank_j, kj, rj, row_ok, x_rows, a_rows, h_base,
@@ -140,8 +141,9 @@ def _shrink_chunk(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_R: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """h columns of rank rows r0 .. r0 + RANK_CHUNK - 1 (A rows loaded where ``col_ok``),
-    zeros at or above each adapter's rank, over this program's K split."""
+    """h columns of rank rows r0 .. r0 + RANK_CHUNK - 1 (A rows loaded where ``col_ok``) over
+    this program's K split. Columns at or above an adapter's rank are left as they come (the
+    first chunk's from whatever its A rows hold): every reader masks them by rank."""
     r = r0 + rj
     a_cols = a_rows[None, :] + r[None, :] * stride_ar
     offs_k = tl.arange(0, BLOCK_K)
@@ -159,7 +161,6 @@ def _shrink_chunk(
             xt = xt.to(tl.float32)
             at = at.to(tl.float32)
         acc += tl.dot(xt, at, input_precision=DOT_PRECISION)
-    acc = tl.where((r < rank_j)[None, :], acc, 0.0)  # rows at or above a rank: zeros
     if EVEN_R:  # no chunk crosses r_max
         h_mask = row_ok[:, None] & (kj < TILE_K)[None, :]
     else:

@@ -165,6 +165,29 @@ def test_split_k_uneven(device: torch.device) -> None:
     assert_close(y, y_ref, atol=1e-4, rtol=1e-4, what="y")
 
 
+def test_rows_above_a_rank_never_leak(device: torch.device) -> None:
+    """A and B rows at or above a slot's rank hold NaN, and every slot has rank 0 in the
+    second slice (adapters without that module): the first slice gets its delta, the second
+    slice's columns stay as they were, bit for bit. (The first rank chunk is loaded before the
+    ranks are known and masked after the load.)"""
+    b = make_batch(
+        tokens=17, in_features=48, outs=[24, 40], r_max=16, num_slots=5, k=2, device=device
+    )
+    b.ranks[0] = torch.tensor([8, 3, 16, 1, 8], dtype=torch.int32)
+    b.ranks[1].zero_()
+    for s, (a, bb) in enumerate(zip(b.lora_a, b.lora_b, strict=True)):
+        for slot in range(b.num_slots):
+            r = int(b.ranks[s, slot])
+            a[slot, r:] = float("nan")
+            bb[slot, :, r:] = float("nan")
+    meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, device)
+    y_ref, y = b.y.clone(), b.y.clone()
+    add_lora_ref(y_ref, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
+    add_lora(y, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
+    assert torch.equal(y[:, 24:], b.y[:, 24:]), "a rank-0 slice's columns changed"
+    assert_close(y, y_ref, atol=1e-4, rtol=1e-4, what="y")
+
+
 @pytest.mark.parametrize("tokens", [0, 6])
 def test_empty_and_base_only(device: torch.device, tokens: int) -> None:
     b = make_batch(
