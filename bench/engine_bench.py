@@ -1,8 +1,11 @@
 """End-to-end engine throughput on a Llama-2-7B-shaped model with random bf16 weights.
 
 Prints one JSON line per case (and the device), never asserts on time. Cases, at batch 32
-and 64, prompt 128, 128 new tokens (ignore_eos): our engine with no adapter, one adapter,
-8 and 64 distinct rank-16 adapters (all 7 projections; 64 slots filled); at batch 64, 64
+and 64, prompt 128, 128 new tokens (ignore_eos): our engine with no adapter, one adapter
+(merged into the base weights after 8 steps, dLoRA's merged mode; and with merging off),
+8 and 64 distinct rank-16 adapters (all 7 projections; 64 slots filled), 7 of 8 requests on
+one adapter and the rest on 8 others (unmerged by the default policy, and merged with
+``merge_at=0.75``), and the time of one merge and unmerge of a slot; at batch 64, 64
 distinct adapters out of 1,000 registered, loaded from disk through the serving layer's adapter
 path, cold and warm (bench/engine_pool.py); transformers + PEFT
 with the base model, one merged adapter and a mixed batch over 8 adapters
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine_pool import pool_case  # noqa: E402
 
 from executor_svc.engine import Engine, EngineRequest, SamplingOptions  # noqa: E402
+from executor_svc.engine.merging import MergePolicy  # noqa: E402
 from executor_svc.engine.types import LoraModuleWeights  # noqa: E402
 
 PROMPT, NEW, RANK = 128, 128, 16
@@ -159,6 +163,23 @@ async def run_case(engine: Engine, batch: int, plans, prompts, *, t0: float | No
     }
 
 
+def merge_switch_ms(model, repeats: int = 5) -> dict:
+    """GPU milliseconds of folding slot 0 into every base projection, and of taking it out."""
+    times: dict[str, list[float]] = {"merge_ms": [], "unmerge_ms": []}
+    model.unmerge_lora()
+    for _ in range(repeats):
+        for key, op in (
+            ("merge_ms", lambda: model.merge_lora(0)),
+            ("unmerge_ms", model.unmerge_lora),
+        ):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            op()
+            torch.cuda.synchronize()
+            times[key].append((time.perf_counter() - t) * 1e3)
+    return {k: round(sorted(v)[len(v) // 2], 2) for k, v in times.items()}
+
+
 def decode_step_bytes(model, batch: int, avg_ctx: float) -> float:
     c = model.config
     weights = sum(
@@ -206,7 +227,10 @@ async def ours(args, bw: float) -> None:
         "8_distinct": lambda i: [(i % 8, 1.0)],
         "64_distinct": lambda i: [(i % 64, 1.0)],
         "mixture_k2_8": lambda i: [(i % 8, 0.5), ((i + 1) % 8, 0.5)],
+        "dominant_7of8": lambda i: [(0, 1.0)] if i % 8 else [(1 + (i // 8) % 8, 1.0)],
     }
+    if not args.cases or "merge_switch" in args.cases:
+        emit(case="merge_switch", **merge_switch_ms(engine.model))
     # The previous decode-graph layout, for comparison in the same run: one graph per batch
     # size and LoRA mode, its tile grid padded to the batch size.
     single_grid = {b: [b] for b in engine.runner.tile_pads}
@@ -218,23 +242,38 @@ async def ours(args, bw: float) -> None:
         ]
     if args.compare_send_order:  # tokens sent to the event loop before the next step's launch
         runs += [(f"{name}_send_first", cases[name], "send_first") for name in cases]
+    merge_variants = {  # merged mode against the default policy, in the same run
+        "one_adapter_unmerged": ("one_adapter", MergePolicy(enabled=False)),
+        "dominant_7of8_merged": ("dominant_7of8", MergePolicy(merge_at=0.75)),
+    }
+    runs += [
+        (name, cases[case], policy)
+        for name, (case, policy) in merge_variants.items()
+        if name in (args.cases or merge_variants)
+    ]
     bases = {}
     for batch in args.batches:
         base = None
         for name, plan, variant in runs:
             plans = [plan(i) for i in range(batch)]
-            saved = engine.runner.tile_pads
+            saved, merging = engine.runner.tile_pads, engine.runner.merging
+            default_policy = merging.policy
             if isinstance(variant, dict):
                 engine.runner.tile_pads = variant
+            if isinstance(variant, MergePolicy):
+                merging.policy = variant
             engine.send_after_launch = variant != "send_first"
             await run_case(engine, batch, plans, prompts)  # warm: Triton JIT of new shapes
             # best of --repeats, as the issue's transformers and PEFT anchors (every run is
             # printed too: a run with slow eager steps shows in tok_s_runs)
+            merged_before = merging.merged_steps
             runs_ = [await run_case(engine, batch, plans, prompts) for _ in range(args.repeats)]
+            merged_steps = (merging.merged_steps - merged_before) // args.repeats
             r = max(runs_, key=lambda v: v["tok_s"])
             tok_s_runs = sorted(v["tok_s"] for v in runs_)
             median = tok_s_runs[len(tok_s_runs) // 2]
             engine.runner.tile_pads = saved
+            merging.policy = default_policy
             engine.send_after_launch = True
             roof = batch / (decode_step_bytes(engine.model, batch, PROMPT + NEW / 2) / bw)
             base = bases[batch] = base or (r["tok_s"], median)
@@ -253,6 +292,7 @@ async def ours(args, bw: float) -> None:
                 vs_no_adapter=round(r["tok_s"] / base[0], 3),
                 vs_no_adapter_median=round(median / base[1], 3),
                 distinct_adapters=len({tuple(plan(i)) for i in range(batch)}),
+                merged_steps_per_run=merged_steps,
                 **{k: v for k, v in r.items() if k.endswith(("_s", "_steps")) and "tok_s" not in k},
             )
     rows = []

@@ -83,6 +83,7 @@ class ExecutorRuntime:
         import torch
 
         from executor_svc.engine import Engine
+        from executor_svc.engine.merging import MergePolicy
         from executor_svc.model.lora_loader import load_adapter
 
         s = self.settings
@@ -102,6 +103,12 @@ class ExecutorRuntime:
             max_num_batched_tokens=s.max_num_batched_tokens,
             kv_memory_bytes=s.kv_memory_bytes or None,
             max_model_len=s.max_model_len,
+            merge_policy=MergePolicy(
+                enabled=s.merge_adapters,
+                patience=s.merge_patience_steps,
+                merge_at=s.merge_at_share,
+                unmerge_below=s.unmerge_below_share,
+            ),
         )
         await engine.start()
         self.engine = engine

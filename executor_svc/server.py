@@ -178,6 +178,11 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         out.adapter_memory_bytes_free = free * rt.slots.slot_bytes
         out.requests_completed = c.completed
         out.tokens_generated = c.tokens
+        if engine.merged_slot is not None:
+            # Empty if UnloadAdapter evicted it meanwhile: its weights stay in the slot (and
+            # merged) until the slot is written again, which unmerges them first.
+            key = rt.slots.slots[engine.merged_slot].key
+            out.merged_adapter_id = key.adapter_id if key is not None else ""
         return out
 
 

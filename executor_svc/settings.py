@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loraserve.settings import DEFAULT_EXECUTOR_PORT, CommonSettings
@@ -56,6 +56,29 @@ class ExecutorSettings(BaseSettings):
     slot_wait_s: float = Field(10.0, description="Longest wait for a free slot before 429.")
     latest_version_ttl_s: float = Field(5.0, description="Cache of version 0 -> latest READY.")
 
+    # dLoRA merged mode (executor_svc/engine/merging.py).
+    merge_adapters: bool = Field(
+        True,
+        description="Fold an adapter that every running request uses alone into the base "
+        "weights: its tokens then need no LoRA work.",
+    )
+    merge_patience_steps: int = Field(
+        8, ge=1, description="Engine steps a merge or unmerge condition must hold first."
+    )
+    merge_at_share: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Merge an adapter once this share of a step's requests run it alone.",
+    )
+    unmerge_below_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Unmerge once fewer than this share of a step's requests run the merged "
+        "adapter alone (the others subtract it meanwhile).",
+    )
+
     # Admission and request limits.
     max_queue: int = Field(1024, description="Requests waiting (for slots or a batch seat).")
     default_max_tokens: int = 128
@@ -63,6 +86,15 @@ class ExecutorSettings(BaseSettings):
     max_stop_strings: int = 8
     max_stop_length: int = 128
     warmup_wait_s: float = Field(120.0, description="How long a request waits for warm-up.")
+
+    @model_validator(mode="after")
+    def _merge_shares_ordered(self) -> ExecutorSettings:
+        if self.unmerge_below_share > self.merge_at_share:
+            raise ValueError(
+                f"unmerge_below_share {self.unmerge_below_share} exceeds merge_at_share "
+                f"{self.merge_at_share}: an adapter would be unmerged as soon as it is merged"
+            )
+        return self
 
     @property
     def resolved_replica_id(self) -> str:

@@ -1,7 +1,8 @@
 """The engine core: continuous batching over a paged KV cache with multi-LoRA batches.
 
 ``engine.py`` (async API) -> ``scheduler.py`` (what runs each step) -> ``block_manager.py``
-(KV blocks) -> ``model_runner.py`` (inputs, CUDA graphs, forward) -> ``sampler.py``;
+(KV blocks) -> ``model_runner.py`` (inputs, CUDA graphs, forward; ``merging.py`` picks
+merged or unmerged mode per step) -> ``sampler.py``;
 ``detokenizer.py`` streams text; ``types.py`` is the interface to the serving layer.
 ``Engine`` is imported lazily: the model package imports ``types`` from here.
 """

@@ -34,6 +34,7 @@ import torch
 
 from executor_svc.engine.block_manager import BlockManager
 from executor_svc.engine.detokenizer import IncrementalDetokenizer
+from executor_svc.engine.merging import MergePolicy
 from executor_svc.engine.model_runner import ModelRunner, kv_bytes_per_block
 from executor_svc.engine.sampler import make_generator
 from executor_svc.engine.scheduler import Scheduler
@@ -61,6 +62,7 @@ class Engine:
         hf_config=None,
         tokenizer=None,
         seed: int = 0,
+        merge_policy: MergePolicy | None = None,
     ):
         """``model_dir``: a local checkpoint; or None with ``hf_config`` for random weights."""
         self.device = torch.device(device)
@@ -73,6 +75,7 @@ class Engine:
         self.max_model_len, self.block_size, self.seed = max_model_len, block_size, seed
         self.max_num_batched_tokens = max_num_batched_tokens or 512
         self.cuda_graph_batch_sizes = cuda_graph_batch_sizes
+        self.merge_policy = merge_policy or MergePolicy()
         self._model: CausalLM | None = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -149,6 +152,7 @@ class Engine:
             max_model_len=self.max_model_len,
             graph_batch_sizes=sizes,
             lora_warm_up_tokens=self.max_num_batched_tokens,
+            merge_policy=self.merge_policy,
         )
         self._model = model
 
@@ -182,6 +186,8 @@ class Engine:
                 requests_completed=self._completed,
                 tokens_generated=self._generated,
                 device=str(self.device),
+                merged_slot=self.model.merged_slot,
+                merge_switches=self.model.merge_switches,
             )
 
     # -- requests ----------------------------------------------------------------------------

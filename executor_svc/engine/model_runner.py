@@ -10,6 +10,10 @@ adapter over 64 requests launched as many programs as 64 distinct adapters; the 
 copied into static buffers (the LoRA metadata in two copies from pinned memory); padding rows
 write to the scratch KV block 0 and carry no adapter, so nothing is allocated on the device
 per step. Steps with prefill chunks run eagerly (attention per chunk).
+
+Before each step the merge controller (executor_svc.engine.merging, dLoRA's merged mode) may
+fold one adapter into the base weights or take it out, and rewrites the step's plans to match:
+every plan below is the *effective* one.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ import numpy as np
 import torch
 
 from executor_svc.engine.block_manager import SCRATCH_BLOCK
+from executor_svc.engine.merging import MergeController, MergePolicy, Plan
 from executor_svc.engine.sampler import sample
 from executor_svc.engine.scheduler import ScheduledBatch
-from executor_svc.engine.sequence import Sequence
 from executor_svc.model.context import PrefillChunk, StepContext
 from executor_svc.model.llama import CausalLM
 from kernels import LoraBatchMeta, build_lora_meta, overlapped
@@ -90,8 +94,10 @@ class ModelRunner:
         max_model_len: int,
         graph_batch_sizes: list[int],
         lora_warm_up_tokens: int = 0,
+        merge_policy: MergePolicy | None = None,
     ):
         self.model, self.device, self.block_size = model, model.device, block_size
+        self.merging = MergeController(model, merge_policy)
         c = model.config
         self.eos_ids = c.eos_token_ids
         self.kv = torch.zeros(
@@ -149,30 +155,31 @@ class ModelRunner:
             if len(batch.block_tables) == len(entries)
             else [list(s.block_table) for s, _ in entries]
         )
+        plans = self.merging.plans_for_step([s.adapters for s, _ in entries])
         num_decode = sum(1 for _, n in entries if n == 1)
         if num_decode == len(entries) and self.graph_sizes and num_decode <= self.graph_sizes[-1]:
-            return self._replay(entries, tables)
-        ids, ctx, logits_idx = self._prepare(entries, num_decode, tables)
+            return self._replay(entries, tables, plans)
+        ids, ctx, logits_idx = self._prepare(entries, num_decode, tables, plans)
         hidden = self.model(ids, ctx, self.kv_caches)
         return self.model.compute_logits(hidden[logits_idx])
 
-    def _lora_plan(self, seqs: list[Sequence], counts: list[int], k: int | None = None):
-        """Per-token (slot, weight) arrays [T, K] (K = most adapters of any request)."""
-        k = k or max((len(s.adapters) for s in seqs), default=0)
+    def _lora_plan(self, plans: list[Plan], counts: list[int], k: int | None = None):
+        """Per-token (slot, weight) arrays [T, K] (K = most adapters of any plan)."""
+        k = k or max((len(p) for p in plans), default=0)
         if k == 0:
             return None
         t = sum(counts)
         slots = np.full((t, k), -1, np.int32)
         weights = np.zeros((t, k), np.float32)
         row = 0
-        for s, n in zip(seqs, counts, strict=True):
-            for j, (slot, w) in enumerate(s.adapters):
+        for plan, n in zip(plans, counts, strict=True):
+            for j, (slot, w) in enumerate(plan):
                 slots[row : row + n, j] = slot
                 weights[row : row + n, j] = w
             row += n
         return slots, weights
 
-    def _prepare(self, entries, num_decode: int, tables: list[list[int]]):
+    def _prepare(self, entries, num_decode: int, tables: list[list[int]], plans: list[Plan]):
         bs = self.block_size
         ids, pos, rows, logits_idx, prefills = [], [], [], [], []
         start = 0
@@ -207,7 +214,7 @@ class ModelRunner:
                 block_tables[i, : len(t)] = t
             ctx.block_tables = self._t(block_tables)
             ctx.context_lens = self._t(np.array([s.num_computed + 1 for s in dec], np.int32))
-        plan = self._lora_plan([s for s, _ in entries], [n for _, n in entries])
+        plan = self._lora_plan(plans, [n for _, n in entries])
         if plan is not None:
             ctx.lora = build_lora_meta(
                 torch.from_numpy(plan[0]),
@@ -311,19 +318,19 @@ class ModelRunner:
                 self.graphs[(b, k, pad)] = _Graph(graph, b, meta)
         torch.cuda.synchronize()
 
-    def _decode_meta(self, seqs: list[Sequence], b: int, mode: int) -> _Graph:
+    def _decode_meta(self, plans: list[Plan], b: int, mode: int) -> _Graph:
         """The graph for this decode batch's plans, its LoRA metadata buffers holding them.
 
         Decode batches keep their requests and plans from step to step, so the metadata of the
         last plans of each batch size is kept (host-built, with its graph) and re-sent to the
         graph only if another plan list was sent there since: building and staging it took
         0.2-0.35 ms of host time per 7B decode step on the H100 host (docs/benchmarks.md)."""
-        plans = (tuple(self.tile_pads[b]), *(tuple(s.adapters) for s in seqs))
+        key = (tuple(self.tile_pads[b]), *plans)
         hit = self._last_meta.get((b, mode))
-        if hit is None or hit[0] != plans:
-            slots, weights = self._lora_plan(seqs, [1] * len(seqs), mode)
-            slots = np.pad(slots, ((0, b - len(seqs)), (0, 0)), constant_values=-1)
-            weights = np.pad(weights, ((0, b - len(seqs)), (0, 0)))
+        if hit is None or hit[0] != key:
+            slots, weights = self._lora_plan(plans, [1] * len(plans), mode)
+            slots = np.pad(slots, ((0, b - len(plans)), (0, 0)), constant_values=-1)
+            weights = np.pad(weights, ((0, b - len(plans)), (0, 0)))
             host = build_lora_meta(
                 torch.from_numpy(slots),
                 torch.from_numpy(weights),
@@ -333,7 +340,7 @@ class ModelRunner:
                 pad_tiles_to=self.tile_pads[b],
                 mode=GRAPH_META_MODE,
             )
-            hit = self._last_meta[(b, mode)] = (plans, host)
+            hit = self._last_meta[(b, mode)] = (key, host)
         g = self.graphs[(b, mode, hit[1].grid_tiles)]
         self.send_meta(g, hit[1])
         return g
@@ -359,7 +366,7 @@ class ModelRunner:
         hidden = self.model(self.s_ids[:b], ctx, self.kv_caches)
         self.s_logits[:b].copy_(self.model.compute_logits(hidden))
 
-    def _replay(self, entries, block_tables: list[list[int]]) -> torch.Tensor:
+    def _replay(self, entries, block_tables: list[list[int]], plans: list[Plan]) -> torch.Tensor:
         nd, bs = len(entries), self.block_size
         b = next(s for s in self.graph_sizes if s >= nd)
         seqs = [s for s, _ in entries]
@@ -381,8 +388,8 @@ class ModelRunner:
             (self.s_lens, lens),
         ):
             dst[:b].copy_(torch.from_numpy(src), non_blocking=True)
-        k = max((len(s.adapters) for s in seqs), default=0)
+        k = max((len(p) for p in plans), default=0)
         mode = 0 if k == 0 else (1 if k == 1 else MAX_K)
-        g = self._decode_meta(seqs, b, mode) if mode else self.graphs[(b, 0, 0)]
+        g = self._decode_meta(plans, b, mode) if mode else self.graphs[(b, 0, 0)]
         g.graph.replay()
         return self.s_logits[:nd]

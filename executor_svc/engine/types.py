@@ -71,3 +71,5 @@ class EngineStats:
     requests_completed: int
     tokens_generated: int
     device: str
+    merged_slot: int | None = None  # adapter slot folded into the base weights (merged mode)
+    merge_switches: int = 0  # merges and unmerges so far

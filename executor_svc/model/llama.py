@@ -21,6 +21,7 @@ from executor_svc.model.layers.fused_ops import silu_and_mul
 from executor_svc.model.layers.lora_linear import LoRALinear
 from executor_svc.model.layers.norm import RMSNorm
 from executor_svc.model.layers.rotary import RotaryEmbedding
+from executor_svc.model.lora_merge import fold_slot
 from executor_svc.model.lora_slots import LoraSite, LoraSlotStore
 
 # checkpoint module name -> (our fused module, slice name)
@@ -141,6 +142,11 @@ class CausalLM(nn.Module):
         # copies are queued between steps' kernels (one stream) and never run under a batch.
         self.step_lock = threading.RLock()
         self.lora_store = None
+        # dLoRA's merged mode: the slot whose adapter is folded into the base weights (its
+        # requests then need no LoRA work; the others subtract it), and how often the mode
+        # changed. See merge_lora and executor_svc.engine.merging.
+        self._merged_slot: int | None = None
+        self.merge_switches = 0
         if num_slots > 0 and max_rank > 0:
             sites = [site for i in range(cfg.num_layers) for site in lora_sites(cfg, i)]
             self.lora_store = LoraSlotStore(
@@ -195,15 +201,54 @@ class CausalLM(nn.Module):
 
         Raises ValueError, leaving the slot untouched, for modules the model lacks, a rank
         over ``max_rank`` or shapes that do not fit. See :mod:`executor_svc.model.lora_slots`
-        for the copies this makes."""
+        for the copies this makes. The merged slot is unmerged first (its weights are what
+        the unmerge subtracts)."""
         self._check_slot(slot)
         with self.step_lock:
+            if slot == self._merged_slot:
+                self.lora_store.check(weights)  # a bad adapter must not unmerge either
+                self.unmerge_lora()
             self.lora_store.write(slot, weights)
 
     def reset_lora(self, slot: int) -> None:
         self._check_slot(slot)
         with self.step_lock:
+            if slot == self._merged_slot:
+                self.unmerge_lora()
             self.lora_store.clear(slot)
+
+    @property
+    def merged_slot(self) -> int | None:
+        """The slot folded into the base weights (merged mode), or None."""
+        return self._merged_slot
+
+    def merge_lora(self, slot: int) -> None:
+        """Fold ``slot``'s adapter (weight 1) into the base projections: from the next step a
+        token whose plan is that adapter alone needs no LoRA work, and every other token must
+        carry the adapter at weight -1 (executor_svc.engine.merging does both). Another merged
+        slot is unmerged first. Queued on the device stream like the steps (step lock)."""
+        self._check_slot(slot)
+        with self.step_lock:
+            if slot == self._merged_slot:
+                return
+            if self._merged_slot is not None:
+                self.unmerge_lora()
+            fold_slot(self.lora_store, self._lora_projections(), slot, 1)
+            self._merged_slot = slot
+            self.merge_switches += 1
+
+    def unmerge_lora(self) -> None:
+        """Take the merged adapter back out of the base weights (no-op when none is merged)."""
+        with self.step_lock:
+            if self._merged_slot is None:
+                return
+            fold_slot(self.lora_store, self._lora_projections(), self._merged_slot, -1)
+            self._merged_slot = None
+            self.merge_switches += 1
+
+    def _lora_projections(self) -> list[LoRALinear]:
+        """The LoRA-aware projections in the slot store's site order."""
+        return [m for _, m in self.lora_layers()]
 
     def lora_bytes_per_slot(self) -> int:
         return self.lora_store.bytes_per_slot if self.lora_store is not None else 0

@@ -86,6 +86,10 @@ class LoraSlotStore:
             len(sites), MAX_SLICES, num_slots, dtype=torch.int32, device=device
         )
         self.scales = torch.zeros(len(sites), MAX_SLICES, num_slots, device=device)
+        # Host copies of ranks and scales: folding a slot into the base weights
+        # (executor_svc.model.lora_merge) reads them without a device synchronisation.
+        self.host_ranks = torch.zeros(len(sites), MAX_SLICES, num_slots, dtype=torch.int32)
+        self.host_scales = torch.zeros(len(sites), MAX_SLICES, num_slots)
 
     @property
     def bytes_per_slot(self) -> int:
@@ -112,7 +116,7 @@ class LoraSlotStore:
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         """Put ``weights`` in ``slot``; modules the adapter lacks get rank 0."""
-        modules = self._check(weights)
+        modules = self.check(weights)
         ranks = torch.zeros(len(self.sites), MAX_SLICES, dtype=torch.int32)
         scales = torch.zeros(len(self.sites), MAX_SLICES)
         for (i, j), mw in modules.items():
@@ -126,6 +130,7 @@ class LoraSlotStore:
                 v, r = self._slice_views(slot, i, j), mw.a.shape[0]
                 v[0][:r].copy_(mw.a, non_blocking=True)
                 v[1][:, :r].copy_(mw.b, non_blocking=True)
+        self.host_ranks[:, :, slot], self.host_scales[:, :, slot] = ranks, scales
         if self.data.is_cuda:  # from pageable memory a copy would wait for the running step
             ranks, scales = ranks.pin_memory(), scales.pin_memory()
         self.ranks[:, :, slot].copy_(ranks, non_blocking=True)
@@ -135,6 +140,13 @@ class LoraSlotStore:
         self.data[slot].zero_()
         self.ranks[:, :, slot] = 0
         self.scales[:, :, slot] = 0.0
+        self.host_ranks[:, :, slot], self.host_scales[:, :, slot] = 0, 0.0
+
+    def slice_weights(self, slot: int, site: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slice ``j`` of ``site`` in ``slot``, cut to its rank: ``(A [r, in], B [out, r])``."""
+        r = int(self.host_ranks[site, j, slot])
+        a, b = self._slice_views(slot, site, j)
+        return a[:r], b[:, :r]
 
     def _slice_views(self, slot: int, site: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         s, r = self.sites[site], self.max_rank
@@ -144,7 +156,7 @@ class LoraSlotStore:
         b = region[bo : bo + s.out_sizes[j] * r].view(s.out_sizes[j], r)
         return a, b
 
-    def _check(self, weights: AdapterWeights) -> dict[tuple[int, int], LoraModuleWeights]:
+    def check(self, weights: AdapterWeights) -> dict[tuple[int, int], LoraModuleWeights]:
         """Every module of ``weights`` by (site, slice), in slot-layout order; or ValueError."""
         where = {
             (s.layer, name): (i, j)

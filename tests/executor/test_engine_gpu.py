@@ -71,9 +71,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_bf16_logits_close_to_fp32_peft(setup):
+    """Unmerged, and with adapter 0 folded into the base weights (merged mode: adapter 0's
+    plan is empty, the others subtract it)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from executor_svc.engine.merging import effective_plan
     from executor_svc.model.forward import batch_logits
     from executor_svc.model.loader import load_model
     from executor_svc.model.lora_loader import load_adapter
@@ -84,14 +87,23 @@ def test_bf16_logits_close_to_fp32_peft(setup):
     )
     for slot, path in enumerate(adapters):
         ours.set_lora(slot, load_adapter(path, dtype=torch.bfloat16))
-    outs = batch_logits(ours, PROMPTS, [[(i, 1.0)] for i in range(3)])
+    plans = [[(i, 1.0)] for i in range(3)] + [[]]
+    seqs = [*PROMPTS, PROMPTS[0]]
+    unmerged = batch_logits(ours, seqs, plans)
+    ours.merge_lora(0)
+    merged = batch_logits(ours, seqs, [list(effective_plan(p, 0)) for p in plans])
+    ours.unmerge_lora()
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
+        refs = []
         for i, path in enumerate(adapters):
             peft = PeftModel.from_pretrained(hf, path).eval()
-            ref = peft(torch.tensor([PROMPTS[i]])).logits[0]
-            assert rel_err(outs[i].cpu(), ref) < 2e-2, i
+            refs.append(peft(torch.tensor([seqs[i]])).logits[0])
             hf = peft.unload()
+        refs.append(hf(torch.tensor([seqs[3]])).logits[0])
+    for i, ref in enumerate(refs):
+        assert rel_err(unmerged[i].cpu(), ref) < 2e-2, i
+        assert rel_err(merged[i].cpu(), ref) < 2e-2, f"merged, plan {plans[i]}"
 
 
 def test_paged_decode_kernel_bf16():
@@ -122,14 +134,16 @@ MIXED_PLANS = [
 
 def test_graph_decode_mixed_batch(setup):
     """Graph-decoded tokens agree with the eager model, for a mixed batch (6 tiles: the
-    8-tile graph of batch 8) and for 8 requests on one adapter (1 tile: the 1-tile graph)."""
+    8-tile graph of batch 8), for 8 requests on one adapter (1 tile, then merged into the base
+    weights after 8 steps: the base graph), and for the mixed batch again, first served with
+    the merged adapter subtracted, then unmerged."""
     from executor_svc.engine import Engine, EngineRequest, SamplingOptions
     from executor_svc.engine.model_runner import tile_pads
     from executor_svc.model.forward import batch_logits
     from executor_svc.model.lora_loader import load_adapter
 
     model_dir, adapters = setup
-    rounds = [MIXED_PLANS, [[(1, 1.0)]] * 8]
+    rounds = [MIXED_PLANS, [[(1, 1.0)]] * 8, MIXED_PLANS]
 
     async def main():
         engine = Engine(
@@ -166,9 +180,16 @@ def test_graph_decode_mixed_batch(setup):
             # adapters per token, decode graphs): nothing compiled while serving.
             assert _compiled_lora_kernels() == compiled
             seqs = [PROMPTS[i % 3] + outs[i] for i in range(8)]
+            merged = engine.model.merged_slot  # the eager reference runs unmerged
+            engine.model.unmerge_lora()
             results.append((plans, outs, batch_logits(engine.model, seqs, plans)))
+            if merged is not None:
+                engine.model.merge_lora(merged)
+            states.append(merged)
         await engine.stop()
         return results
+
+    states = []
 
     for plans, outs, logits in asyncio.run(main()):
         for i in range(8):
@@ -177,3 +198,5 @@ def test_graph_decode_mixed_batch(setup):
             picked = lg.gather(1, torch.tensor(outs[i], device="cuda")[:, None])[:, 0]
             gap = lg.max(1).values - picked  # 0 where eager argmax agrees with the graph's token
             assert float(gap.max()) < 0.05 * float(lg.std()), (plans[i], i, gap)
+    # merged during round 2 (and merged again after its eager check), unmerged in round 3
+    assert states == [None, 1, None]

@@ -27,7 +27,7 @@ def test_packed_full_rank_adapter_is_written_from_one_buffer(model, adapter_fact
     store = model.lora_store
     full = load_adapter(adapter_factory("full16", rank=16))
     low = load_adapter(adapter_factory("low8", rank=8))
-    modules = store._check  # (site, slice) -> weights, in slot order
+    modules = store.check  # (site, slice) -> weights, in slot order
     assert store._flat_source(modules(pack_weights(full, pin=False))) is not None
     assert store._flat_source(modules(full)) is None  # one tensor per module: not one buffer
     assert store._flat_source(modules(pack_weights(low, pin=False))) is None  # rank < r_max

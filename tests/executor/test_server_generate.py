@@ -178,3 +178,31 @@ async def test_failed_start_stays_not_serving_and_answers_unavailable(tmp_path):
         health = health_pb2_grpc.HealthStub(channel)
         got = await health.Check(health_pb2.HealthCheckRequest())
         assert got.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_stats_name_the_merged_adapter(tiny_model_dir, adapter_dir, tmp_path):
+    """Requests on one adapter alone: it is folded into the base weights (dLoRA's merged mode)
+    after two steps, GetStats names it, and a later base request still gets base outputs."""
+    settings = executor_settings(
+        tiny_model_dir, tmp_path / "data", adapter_dir=str(adapter_dir), merge_patience_steps=2
+    )
+    async with running_executor(settings) as (_, stub):
+        base = await stub.Generate(executor_pb2.GenerateRequest(prompt="hi", sampling=GREEDY_12))
+        stats = await stub.GetStats(executor_pb2.GetStatsRequest())
+        assert stats.merged_adapter_id == ""
+        on_task = plan(("task-4", 1.0))
+        await asyncio.gather(
+            *(
+                stub.Generate(
+                    executor_pb2.GenerateRequest(prompt=p, plan=on_task, sampling=GREEDY_12)
+                )
+                for p in ("one", "two", "three")
+            )
+        )
+        stats = await wait_idle(stub)
+        assert stats.merged_adapter_id == "task-4"
+        again = await stub.Generate(executor_pb2.GenerateRequest(prompt="hi", sampling=GREEDY_12))
+        assert list(again.token_ids) == list(base.token_ids)
+
+
+GREEDY_12 = common_pb2.SamplingParams(max_tokens=12, min_tokens=12)
