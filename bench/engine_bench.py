@@ -11,9 +11,10 @@ path, cold and warm (bench/engine_pool.py); transformers + PEFT
 with the base model, one merged adapter and a mixed batch over 8 adapters
 (``adapter_names=``). The memory roofline of a decode step is the bytes of weights and KV read
 per step over the D2D copy bandwidth measured in the same run (read + write counted).
-Every case is timed ``--repeats`` times after a warm-up run and the best run is reported, as
-the issue's transformers and PEFT anchors were (best of 3), for both engines; our lines also
-carry every run (``tok_s_runs``) and the ratio of the medians (``vs_no_adapter_median``).
+Every case is timed ``--repeats`` times after a warm-up run (in rounds over the cases) and the
+best run is reported, as the issue's transformers and PEFT anchors were (best of 3), for both
+engines; our lines also carry every run (``tok_s_runs``) and the ratio of the medians
+(``vs_no_adapter_median``).
 
     python bench/engine_bench.py [--batches 32 64] [--peft-new-tokens 32] [--skip-peft] [--pool 0]
                                  [--cases no_adapter ...] [--repeats 3] [--compare-single-grid]
@@ -251,30 +252,46 @@ async def ours(args, bw: float) -> None:
         for name, (case, policy) in merge_variants.items()
         if name in (args.cases or merge_variants)
     ]
+
+    async def run_variant(batch: int, plan, variant) -> dict:
+        """One timed run of a case under its variant (tile pads, merge policy, send order),
+        from the unmerged state: a case whose requests all use one adapter pays its merge
+        (8 steps unmerged, then the switch) in every run, as a new burst of them would."""
+        merging, saved = engine.runner.merging, engine.runner.tile_pads
+        default_policy = merging.policy
+        if isinstance(variant, dict):
+            engine.runner.tile_pads = variant
+        if isinstance(variant, MergePolicy):
+            merging.policy = variant
+        engine.send_after_launch = variant != "send_first"
+        engine.model.unmerge_lora()  # the engine is idle between runs
+        merged_before = merging.merged_steps
+        try:
+            r = await run_case(engine, batch, [plan(i) for i in range(batch)], prompts)
+        finally:
+            engine.runner.tile_pads, merging.policy = saved, default_policy
+            engine.send_after_launch = True
+        r["merged_steps"] = merging.merged_steps - merged_before
+        return r
+
     bases = {}
     for batch in args.batches:
+        for _, plan, variant in runs:  # warm: Triton JIT of new shapes
+            await run_variant(batch, plan, variant)
+        # --repeats rounds over all cases, not each case's runs back to back: the GPU's slow
+        # phases (SW power cap, seconds to tens of seconds; docs/benchmarks.md) then fall on
+        # the cases alike instead of on all the runs of one. Best run reported, as the issue's
+        # transformers and PEFT anchors (best of 3); every run printed in tok_s_runs.
+        measured: dict[str, list[dict]] = {name: [] for name, _, _ in runs}
+        for _ in range(args.repeats):
+            for name, plan, variant in runs:
+                measured[name].append(await run_variant(batch, plan, variant))
         base = None
-        for name, plan, variant in runs:
-            plans = [plan(i) for i in range(batch)]
-            saved, merging = engine.runner.tile_pads, engine.runner.merging
-            default_policy = merging.policy
-            if isinstance(variant, dict):
-                engine.runner.tile_pads = variant
-            if isinstance(variant, MergePolicy):
-                merging.policy = variant
-            engine.send_after_launch = variant != "send_first"
-            await run_case(engine, batch, plans, prompts)  # warm: Triton JIT of new shapes
-            # best of --repeats, as the issue's transformers and PEFT anchors (every run is
-            # printed too: a run with slow eager steps shows in tok_s_runs)
-            merged_before = merging.merged_steps
-            runs_ = [await run_case(engine, batch, plans, prompts) for _ in range(args.repeats)]
-            merged_steps = (merging.merged_steps - merged_before) // args.repeats
+        for name, plan, _ in runs:
+            runs_ = measured[name]
             r = max(runs_, key=lambda v: v["tok_s"])
             tok_s_runs = sorted(v["tok_s"] for v in runs_)
             median = tok_s_runs[len(tok_s_runs) // 2]
-            engine.runner.tile_pads = saved
-            merging.policy = default_policy
-            engine.send_after_launch = True
             roof = batch / (decode_step_bytes(engine.model, batch, PROMPT + NEW / 2) / bw)
             base = bases[batch] = base or (r["tok_s"], median)
             emit(
@@ -292,7 +309,6 @@ async def ours(args, bw: float) -> None:
                 vs_no_adapter=round(r["tok_s"] / base[0], 3),
                 vs_no_adapter_median=round(median / base[1], 3),
                 distinct_adapters=len({tuple(plan(i)) for i in range(batch)}),
-                merged_steps_per_run=merged_steps,
                 **{k: v for k, v in r.items() if k.endswith(("_s", "_steps")) and "tok_s" not in k},
             )
     rows = []
@@ -316,8 +332,6 @@ async def ours(args, bw: float) -> None:
         preemptions=engine.scheduler.num_preemptions,
     )
     await engine.stop()
-    del engine
-    torch.cuda.empty_cache()
 
 
 def peft_baselines(args) -> None:
@@ -435,6 +449,7 @@ def main() -> None:
         unit="TB/s (read+write)",
     )
     asyncio.run(ours(args, bw))
+    torch.cuda.empty_cache()  # the engine is gone with ours(): its memory back before PEFT's
     if not args.skip_peft:
         peft_baselines(args)
 

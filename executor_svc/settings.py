@@ -60,7 +60,9 @@ class ExecutorSettings(BaseSettings):
     merge_adapters: bool = Field(
         True,
         description="Fold an adapter that every running request uses alone into the base "
-        "weights: its tokens then need no LoRA work.",
+        "weights: its tokens then need no LoRA work. In bf16 the merged weights carry one more "
+        "rounding (as PEFT's merge does), so a request's tokens can differ from an unmerged "
+        "run's; false keeps outputs independent of what else is running.",
     )
     merge_patience_steps: int = Field(
         8, ge=1, description="Engine steps a merge or unmerge condition must hold first."

@@ -6,17 +6,18 @@ of its slices ``j`` (q/k/v of a fused qkv, gate/up of a fused gate/up)::
     rows = proj.weight[off_j : off_j + out_j]
     rows = round(rows + sign * scale[i, j, slot] * B_j[slot, :, :r] @ A_j[slot, :r])
 
-with the product and the sum in fp32 and one rounding to the model's dtype. ``sign=+1`` folds
-the adapter in at weight 1 (merge), ``sign=-1`` takes it out (unmerge). The product is computed
-the same way both times (same inputs, same kernel; only ``add``'s sign differs), so a round
-trip is ``round(round(W + d) - d)``: exactly W wherever ``W + d`` stays in W's binade (the
-rounding error of the merge, at most half a unit in the last place, is undone by the second
-rounding), which is almost every element of a trained adapter's projection; elsewhere (``d``
-large against a small W) it is off by at most half a unit in the last place of ``W + d``.
-tests/executor/test_lora_merge.py measures both over repeated round trips.
-
-Rows are done in chunks so the fp32 temporaries stay near ``CHUNK_ELEMENTS`` (64 MB), not the
-size of a 7B projection (22,016 x 4,096 for gate/up: 360 MB in fp32).
+as one in-place GEMM per slice (``addmm_``, nothing allocated: on the H100 14.6 ms to merge
+all 224 projections of a 7B model, against 82 ms with the sum in fp32 temporaries).
+``sign=+1`` folds the adapter in at weight 1 (merge), ``sign=-1`` takes it out (unmerge).
+The product is the same both times (same inputs, same kernel; only alpha's sign differs,
+which is exact), so a round trip is ``round(round(W + d) - d)``: exactly W wherever ``W + d``
+stays in W's binade (the merge's rounding error, at most half a unit in the last place, is
+undone by the second rounding); where the merge crossed a power of two, off by at most one
+unit in the last place of the larger of W and W + d. After one round trip the weights are a
+fixed point: further trips change no bit. tests/executor/test_merging.py checks both in fp32
+and bf16 on the CPU, tests/executor/test_engine_gpu.py in bf16 on the GPU (where cuBLAS
+rounds the product to bf16 before the sum: 70% of merged elements equal ``round(W + d)`` in a
+random 4096 x 4096 case, the rest are a unit in the last place away, as with PEFT's merge).
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ import torch
 
 from executor_svc.model.layers.lora_linear import LoRALinear
 from executor_svc.model.lora_slots import LoraSlotStore
-
-CHUNK_ELEMENTS = 1 << 24
 
 
 @torch.no_grad()
@@ -47,15 +46,4 @@ def fold_slot(
             scale = float(store.host_scales[i, j, slot])
             if a.shape[0] == 0 or scale == 0.0:
                 continue  # the adapter lacks this module
-            _fold_rows(proj.weight.data[off : off + b.shape[0]], a.float(), b.float(), scale, sign)
-
-
-def _fold_rows(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, sign: int):
-    step = max(1, CHUNK_ELEMENTS // w.shape[1])
-    for r0 in range(0, w.shape[0], step):
-        rows = w[r0 : r0 + step]
-        delta = torch.mm(b[r0 : r0 + step] * scale, a)
-        if rows.dtype == torch.float32:
-            rows.add_(delta, alpha=sign)
-        else:
-            rows.copy_(rows.float().add_(delta, alpha=sign))
+            proj.weight.data[off : off + b.shape[0]].addmm_(b, a, alpha=sign * scale)

@@ -72,7 +72,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_bf16_logits_close_to_fp32_peft(setup):
     """Unmerged, and with adapter 0 folded into the base weights (merged mode: adapter 0's
-    plan is empty, the others subtract it)."""
+    plan is empty, the others subtract it). The merged weights carry one more bf16 rounding
+    (as PEFT's own merge in bf16 does), hence the wider bound; a round trip leaves the
+    weights within one ulp, and a second one changes no bit."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -90,9 +92,18 @@ def test_bf16_logits_close_to_fp32_peft(setup):
     plans = [[(i, 1.0)] for i in range(3)] + [[]]
     seqs = [*PROMPTS, PROMPTS[0]]
     unmerged = batch_logits(ours, seqs, plans)
+    before = [m.weight.clone() for _, m in ours.lora_layers()]
     ours.merge_lora(0)
+    folded = [m.weight.clone() for _, m in ours.lora_layers()]
     merged = batch_logits(ours, seqs, [list(effective_plan(p, 0)) for p in plans])
     ours.unmerge_lora()
+    once = [m.weight.clone() for _, m in ours.lora_layers()]
+    ours.merge_lora(0)
+    ours.unmerge_lora()
+    for b, f, o, (_, m) in zip(before, folded, once, ours.lora_layers(), strict=True):
+        bound = 2**-7 * torch.maximum(b.abs(), f.abs()).float()  # one bf16 ulp of the larger
+        assert ((o.float() - b.float()).abs() <= bound).all()
+        assert torch.equal(o, m.weight)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         refs = []
@@ -103,7 +114,7 @@ def test_bf16_logits_close_to_fp32_peft(setup):
         refs.append(hf(torch.tensor([seqs[3]])).logits[0])
     for i, ref in enumerate(refs):
         assert rel_err(unmerged[i].cpu(), ref) < 2e-2, i
-        assert rel_err(merged[i].cpu(), ref) < 2e-2, f"merged, plan {plans[i]}"
+        assert rel_err(merged[i].cpu(), ref) < 3e-2, f"merged, plan {plans[i]}"
 
 
 def test_paged_decode_kernel_bf16():
