@@ -6,7 +6,10 @@ for ``stats_ttl_s``. Choice, among the replicas that answered and report the pla
 
     load(r)     = queue_depth + running_requests
     resident(r) = how many of the plan's adapters r holds (GPU or host)
-    best        = max resident, then min load, then address
+    merged(r)   = +1 if the plan is the adapter r has folded into its base weights (merged
+                  mode: no LoRA work), -1 if r has another one merged (the plan's tokens would
+                  subtract it, and one more such request keeps it merged), else 0
+    best        = max resident, then max merged, then min load, then address
     least       = min load, then max resident, then address
     pick best, unless load(best) - load(least) > slack: then least ("moved off overloaded")
 
@@ -35,6 +38,7 @@ class ReplicaStats:
     queue_depth: int
     running_requests: int
     resident: frozenset[tuple[str, int]] = field(default_factory=frozenset)
+    merged: str = ""  # adapter id folded into the base weights, "" when unmerged
 
     @property
     def load(self) -> int:
@@ -49,6 +53,7 @@ class ReplicaStats:
             queue_depth=s.queue_depth,
             running_requests=s.running_requests,
             resident=frozenset((a.adapter_id, a.version) for a in s.resident_adapters),
+            merged=s.merged_adapter_id,
         )
 
     def holds(self, adapter_id: str, version: int) -> bool:
@@ -72,7 +77,12 @@ def choose_replica(
     def resident(r: ReplicaStats) -> int:
         return sum(r.holds(a, v) for a, v in wanted)
 
-    best = min(replicas, key=lambda r: (-resident(r), r.load, r.address))
+    def merged(r: ReplicaStats) -> int:
+        if not r.merged:
+            return 0
+        return 1 if [a for a, _ in wanted] == [r.merged] else -1
+
+    best = min(replicas, key=lambda r: (-resident(r), -merged(r), r.load, r.address))
     least = min(replicas, key=lambda r: (r.load, -resident(r), r.address))
     n = resident(best)
     if best is not least and best.load - least.load > slack:
@@ -81,10 +91,18 @@ def choose_replica(
             f"least loaded (load {least.load}); moved off {best.replica_id} "
             f"(load {best.load}) holding {n}/{len(wanted)} adapters",
         )
+    if merged(best) == 1:
+        return Choice(best, f"adapter merged into the base weights, load {best.load}")
     if wanted and n == len(wanted):
         return Choice(best, f"adapters resident ({n}/{len(wanted)}), load {best.load}")
     if n:
         return Choice(best, f"adapters partly resident ({n}/{len(wanted)}), load {best.load}")
+    if best is not least:  # nothing resident anywhere: the merged adapters made the difference
+        return Choice(
+            best,
+            f"no other adapter merged (load {best.load}); {least.replica_id} "
+            f"(load {least.load}) has {least.merged} merged",
+        )
     return Choice(best, f"least loaded (load {best.load})")
 
 

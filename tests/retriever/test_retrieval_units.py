@@ -92,8 +92,10 @@ def test_mixture_weights() -> None:
     assert all(math.isfinite(x) for x in w) and w[0] > 0.99
 
 
-def replica(addr: str, load: int, resident: set[tuple[str, int]] = frozenset()) -> ReplicaStats:
-    return ReplicaStats(addr, addr, "tiny", load, 0, frozenset(resident))
+def replica(
+    addr: str, load: int, resident: set[tuple[str, int]] = frozenset(), merged: str = ""
+) -> ReplicaStats:
+    return ReplicaStats(addr, addr, "tiny", load, 0, frozenset(resident), merged)
 
 
 def plan_of(*ids: str) -> common_pb2.LoraPlan:
@@ -121,6 +123,22 @@ ROUTE_CASES = [
     ),
     ([replica("r1", 20, {("a", 1)}), replica("r2", 2)], ("a",), "r2", "least loaded"),  # overload
     ([replica("r2", 0), replica("r1", 0)], (), "r1", "least loaded"),  # deterministic tie-break
+    # dLoRA merged mode: the replica with the plan's adapter merged wins a residency tie, even
+    # under more load; a replica with another adapter merged loses one.
+    (
+        [replica("r1", 1, {("a", 1)}), replica("r2", 3, {("a", 1)}, merged="a")],
+        ("a",),
+        "r2",
+        "adapter merged",
+    ),
+    ([replica("r1", 0, merged="a"), replica("r2", 2)], (), "r2", "no other adapter merged"),
+    (
+        [replica("r1", 0, {("b", 1)}, merged="a"), replica("r2", 1, {("b", 1)})],
+        ("b",),
+        "r2",
+        "adapters resident",
+    ),
+    ([replica("r1", 0, merged="a"), replica("r2", 12)], (), "r1", "least loaded"),  # overload
 ]
 
 
