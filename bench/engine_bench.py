@@ -312,9 +312,16 @@ async def ours(args, bw: float) -> None:
                 **{k: v for k, v in r.items() if k.endswith(("_s", "_steps")) and "tok_s" not in k},
             )
     rows = []
-    for concurrency in args.pool_load_concurrency if args.pool and 64 in args.batches else []:
+    pool_runs = [
+        (concurrency, pin)
+        for concurrency in args.pool_load_concurrency
+        for pin in {"off": [False], "on": [True], "both": [False, True]}[args.pool_pin]
+    ]
+    for concurrency, pin in pool_runs if args.pool and 64 in args.batches else []:
         with tempfile.TemporaryDirectory(prefix="engine-pool-") as root:
-            one = argparse.Namespace(**{**vars(args), "pool_load_concurrency": concurrency})
+            one = argparse.Namespace(
+                **{**vars(args), "pool_load_concurrency": concurrency, "pool_pin": pin}
+            )
             rows += await pool_case(engine, 64, prompts, run_case, root=Path(root), args=one)
     for row in rows:
         emit(
@@ -422,6 +429,12 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=1000, help="registered adapters; 0 = no pool case")
     p.add_argument("--pool-files", type=int, default=8, help="distinct weight files in the pool")
     p.add_argument("--pool-host-cache-gib", type=int, default=16)
+    p.add_argument(
+        "--pool-pin",
+        choices=["off", "on", "both"],
+        default="both",
+        help="host cache in pageable memory (the executor's default), page-locked, or both",
+    )
     p.add_argument(
         "--pool-load-concurrency",
         type=int,

@@ -9,7 +9,8 @@ takes a lease on its adapter through the serving layer's path (``SlotManager`` -
 then decodes on the slot it got, as ``ExecutorRuntime.generate`` does (without gRPC).
 
 Timed twice: *cold* (the 64 adapters are on disk only: every swap-in is inside the timed run)
-and *warm* (the same 64 requests again, adapters resident).
+and *warm* (the same 64 requests again, adapters resident); once with the host cache in
+pageable memory (the default) and once page-locked (``pin_host_cache``), per ``--pool-pin``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from executor_svc.adapters.host_cache import HostCache
+from executor_svc.adapters.host_cache import HostCache, pack_weights
 from executor_svc.adapters.local_source import LocalDirSource
 from executor_svc.adapters.refs import AdapterKey
 from executor_svc.adapters.slot_manager import SlotManager
@@ -83,7 +84,7 @@ async def pool_case(engine, batch: int, prompts, run_case, *, root: Path, args) 
     spent, timed = _stage_timer()
     store = AdapterStore(
         LocalDirSource(root),
-        HostCache(args.pool_host_cache_gib << 30, pin_memory=model.device.type == "cuda"),
+        HostCache(args.pool_host_cache_gib << 30, pin_memory=args.pool_pin),
         timed("parse", lambda path: load_adapter(path, dtype=model.dtype)),
         max_rank=model.max_rank,
         max_concurrent_builds=args.pool_load_concurrency,
@@ -114,6 +115,7 @@ async def pool_case(engine, batch: int, prompts, run_case, *, root: Path, args) 
                     "pool": args.pool,
                     "pool_weight_files": args.pool_files,
                     "load_concurrency": args.pool_load_concurrency,
+                    "pinned_host_cache": args.pool_pin,
                     "pool_written_s": round(written_s, 1),
                     "swap_ins": slots.loads - loads0,
                     **r,
@@ -159,7 +161,13 @@ def swap_cost(model, store: AdapterStore, key: AdapterKey, reps: int = 10) -> di
     }
     slot = model.num_slots - 1
     out = {"case": "swap_cost_7b", "adapter_bytes": model.lora_bytes_per_slot()}
-    for name, weights in (("one_copy", packed), ("per_module", per_module)):
+    pageable = pack_weights(packed, pin=False)
+    pinned = pack_weights(packed, pin=pin)
+    for name, weights in (
+        ("one_copy", pinned),
+        ("one_copy_pageable", pageable),
+        ("per_module", per_module),
+    ):
         times = []
         for _ in range(reps):
             sync()

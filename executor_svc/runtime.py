@@ -115,7 +115,7 @@ class ExecutorRuntime:
         self.source = self._build_source()
         # Adapters are parsed on the host in the model's dtype, so a slot copy is a plain copy.
         dtype = engine.model.dtype
-        host = HostCache(s.host_cache_bytes, pin_memory=device.startswith("cuda"))
+        host = HostCache(s.host_cache_bytes, pin_memory=s.pin_host_cache and device != "cpu")
         self.store = AdapterStore(
             self.source,
             host,

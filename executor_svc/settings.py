@@ -43,6 +43,12 @@ class ExecutorSettings(BaseSettings):
     adapter_memory_bytes: int = Field(0, description="GPU bytes for slots when num_lora_slots=0.")
     max_lora_rank: int = 64
     host_cache_bytes: int = Field(2 << 30, description="Host LRU of parsed adapters.")
+    pin_host_cache: bool = Field(
+        False,
+        description="Keep cached adapters in page-locked memory: a GPU swap-in is then one "
+        "asynchronous copy, but every cold adapter waits for a new page-locked buffer (100-350 "
+        "ms for 80 MB on the H100 host, against 5-16 ms for the copy from pageable memory).",
+    )
     adapter_load_concurrency: int = Field(
         64, ge=1, description="Adapters parsed and packed at once; lower it on hosts of few cores."
     )

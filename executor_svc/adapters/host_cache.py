@@ -3,9 +3,11 @@
 The middle tier of the adapter hierarchy (disk cache -> host cache -> GPU slot, as in S-LoRA):
 an adapter evicted from its GPU slot stays here, so bringing it back is one host-to-device copy
 instead of a read and parse of safetensors. :meth:`HostCache.prepare` packs an adapter into ONE
-buffer (pinned on CUDA), module by module in checkpoint order (layer, then q, k, v, o, gate,
-up, down; A then B): the slot layout of :mod:`executor_svc.model.lora_slots`, so an adapter
-at the slots' full rank goes to its GPU slot in one asynchronous host-to-device copy.
+buffer (page-locked with ``pin_memory``), module by module in checkpoint order (layer, then q,
+k, v, o, gate, up, down; A then B): the slot layout of :mod:`executor_svc.model.lora_slots`,
+so an adapter at the slots' full rank goes to its GPU slot in one host-to-device copy
+(asynchronous on the step stream from page-locked memory, on a copy stream of its own from
+pageable memory: ``CausalLM.set_lora``).
 
 Eviction is least-recently-used by ``get``/``put``. An adapter larger than the whole budget is
 not cached (the caller still gets its weights). The cache never frees tensors a GPU slot or a
