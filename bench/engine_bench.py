@@ -313,14 +313,20 @@ async def ours(args, bw: float) -> None:
             )
     rows = []
     pool_runs = [
-        (concurrency, pin)
+        (concurrency, pin, read)
         for concurrency in args.pool_load_concurrency
         for pin in {"off": [False], "on": [True], "both": [False, True]}[args.pool_pin]
+        for read in args.pool_read
     ]
-    for concurrency, pin in pool_runs if args.pool and 64 in args.batches else []:
+    for concurrency, pin, read in pool_runs if args.pool and 64 in args.batches else []:
         with tempfile.TemporaryDirectory(prefix="engine-pool-") as root:
             one = argparse.Namespace(
-                **{**vars(args), "pool_load_concurrency": concurrency, "pool_pin": pin}
+                **{
+                    **vars(args),
+                    "pool_load_concurrency": concurrency,
+                    "pool_pin": pin,
+                    "pool_read": read,
+                }
             )
             rows += await pool_case(engine, 64, prompts, run_case, root=Path(root), args=one)
     for row in rows:
@@ -434,6 +440,14 @@ def main() -> None:
         choices=["off", "on", "both"],
         default="both",
         help="host cache in pageable memory (the executor's default), page-locked, or both",
+    )
+    p.add_argument(
+        "--pool-read",
+        nargs="+",
+        choices=["packed", "safetensors"],
+        default=["packed"],
+        help="adapter files read straight into the packed buffer (the executor's way), or "
+        "with safetensors' loader then packed (the previous way); one pool run per value",
     )
     p.add_argument(
         "--pool-load-concurrency",

@@ -9,8 +9,9 @@ takes a lease on its adapter through the serving layer's path (``SlotManager`` -
 then decodes on the slot it got, as ``ExecutorRuntime.generate`` does (without gRPC).
 
 Timed twice: *cold* (the 64 adapters are on disk only: every swap-in is inside the timed run)
-and *warm* (the same 64 requests again, adapters resident); once with the host cache in
-pageable memory (the default) and once page-locked (``pin_host_cache``), per ``--pool-pin``.
+and *warm* (the same 64 requests again, adapters resident); with the host cache in pageable
+memory (the default) and page-locked (``pin_host_cache``), per ``--pool-pin``, and with the
+serving layer's packed read of safetensors or safetensors' own loader, per ``--pool-read``.
 """
 
 from __future__ import annotations
@@ -82,10 +83,16 @@ async def pool_case(engine, batch: int, prompts, run_case, *, root: Path, args) 
     write_pool(model, root, pool=args.pool, files=args.pool_files, rank=model.max_rank)
     written_s = time.perf_counter() - t
     spent, timed = _stage_timer()
+    host = HostCache(args.pool_host_cache_gib << 30, pin_memory=args.pool_pin)
+    read = (
+        (lambda path: load_adapter(path, dtype=model.dtype, packed=True, pin=host.pin))
+        if args.pool_read == "packed"
+        else (lambda path: load_adapter(path, dtype=model.dtype))
+    )
     store = AdapterStore(
         LocalDirSource(root),
-        HostCache(args.pool_host_cache_gib << 30, pin_memory=args.pool_pin),
-        timed("parse", lambda path: load_adapter(path, dtype=model.dtype)),
+        host,
+        timed("parse", read),
         max_rank=model.max_rank,
         max_concurrent_builds=args.pool_load_concurrency,
     )
@@ -116,6 +123,7 @@ async def pool_case(engine, batch: int, prompts, run_case, *, root: Path, args) 
                     "pool_weight_files": args.pool_files,
                     "load_concurrency": args.pool_load_concurrency,
                     "pinned_host_cache": args.pool_pin,
+                    "read": args.pool_read,
                     "pool_written_s": round(written_s, 1),
                     "swap_ins": slots.loads - loads0,
                     **r,

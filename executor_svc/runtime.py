@@ -119,7 +119,7 @@ class ExecutorRuntime:
         self.store = AdapterStore(
             self.source,
             host,
-            lambda path: load_adapter(path, dtype=dtype),
+            lambda path: load_adapter(path, dtype=dtype, packed=True, pin=host.pin),
             max_rank=s.max_lora_rank,
             latest_ttl_s=s.latest_version_ttl_s,
             max_concurrent_builds=s.adapter_load_concurrency,

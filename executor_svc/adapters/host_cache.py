@@ -59,6 +59,24 @@ def pack_weights(weights: AdapterWeights, *, pin: bool) -> AdapterWeights:
     return out
 
 
+def is_packed(weights: AdapterWeights, *, pin: bool) -> bool:
+    """Whether ``weights`` already lie back to back in one host buffer in slot order, as
+    :func:`pack_weights` leaves them (page-locked iff ``pin``)."""
+    end, dtype = None, None
+    for layer in sorted(weights):
+        for name in sorted(weights[layer], key=_module_rank):
+            m = weights[layer][name]
+            for t in (m.a, m.b):
+                if t.device.type != "cpu" or not t.is_contiguous():
+                    return False
+                if end is not None and (t.data_ptr() != end or t.dtype != dtype):
+                    return False
+                if end is None and t.is_pinned() != pin:
+                    return False
+                end, dtype = t.data_ptr() + t.numel() * t.element_size(), t.dtype
+    return end is not None
+
+
 def _module_rank(name: str) -> tuple[int, str]:
     return (MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER), name)
 
@@ -77,9 +95,18 @@ class HostCache:
         self._entries.move_to_end(key)
         return entry[0]
 
+    @property
+    def pin(self) -> bool:
+        """Whether cached adapters are kept in page-locked memory."""
+        return self._pin and torch.cuda.is_available()
+
     def prepare(self, weights: AdapterWeights) -> AdapterWeights:
-        """One packed (and, when pinning is on, pinned) copy. Call it off the event loop."""
-        return pack_weights(weights, pin=self._pin and torch.cuda.is_available())
+        """``weights`` packed (and, when pinning is on, pinned): as they are if a packed
+        read (``load_adapter(..., packed=True)``) made them so, else one packed copy. Call it
+        off the event loop."""
+        if is_packed(weights, pin=self.pin):
+            return weights
+        return pack_weights(weights, pin=self.pin)
 
     def put(self, key: Key, weights: AdapterWeights) -> None:
         """Cache ``weights`` (already :meth:`prepare`-d), evicting LRU entries over budget."""
