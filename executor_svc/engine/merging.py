@@ -60,7 +60,7 @@ def effective_plan(plan: Sequence[tuple[int, float]], merged: int) -> Plan:
     """``plan`` as the kernels must run it while slot ``merged`` is folded into the base."""
     out, found = [], False
     for slot, w in plan:
-        if slot == merged:
+        if slot == merged and not found:  # once, should the plan name the slot twice
             found, w = True, w - 1.0
         if w != 0.0:
             out.append((slot, w))

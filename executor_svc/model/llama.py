@@ -36,9 +36,13 @@ FUSED = {
 }
 
 
-def _pinned(weights: AdapterWeights) -> bool:
-    return all(
-        t.is_pinned() for mods in weights.values() for m in mods.values() for t in (m.a, m.b)
+def _pageable(weights: AdapterWeights) -> bool:
+    """Whether some tensor of ``weights`` is in pageable host memory."""
+    return any(
+        t.device.type == "cpu" and not t.is_pinned()
+        for mods in weights.values()
+        for m in mods.values()
+        for t in (m.a, m.b)
     )
 
 
@@ -213,13 +217,13 @@ class CausalLM(nn.Module):
         the unmerge subtracts).
 
         The caller guarantees that no running request names ``slot`` (the slot manager only
-        writes slots nobody holds). On CUDA, weights in page-locked memory are copied on the
-        step stream between two steps (queued in microseconds under the step lock); weights
+        writes slots nobody holds). On CUDA, weights in page-locked or device memory are copied
+        on the step stream between two steps (queued in microseconds under the step lock); weights
         in pageable memory (a cold adapter, not worth pinning: a new 80 MB page-locked buffer
         took 100-350 ms on the H100 host, the copy 5-16 ms) are copied on a stream of their
         own while steps run, and the step stream waits for that copy before its next step."""
         self._check_slot(slot)
-        if self._copy_stream is None or _pinned(weights):
+        if self._copy_stream is None or not _pageable(weights):
             with self.step_lock:
                 self._unmerge_before_write(slot, weights)
                 self.lora_store.write(slot, weights)

@@ -34,6 +34,7 @@ def test_effective_plan_running_example():
     assert effective_plan([], 2) == ((2, -1.0),)
     assert effective_plan([(0, 1.0)], 2) == ((0, 1.0), (2, -1.0))
     assert effective_plan([(2, 0.5), (0, 0.5)], 2) == ((2, -0.5), (0, 0.5))
+    assert effective_plan([(2, 0.5), (2, 0.5)], 2) == ((2, -0.5), (2, 0.5))  # sums to 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
