@@ -69,6 +69,11 @@ def effective_plan(plan: Sequence[tuple[int, float]], merged: int) -> Plan:
     return tuple(out)
 
 
+def _room_for(merged: int, plans: Sequence[Sequence[tuple[int, float]]]) -> bool:
+    """Whether every plan can carry ``merged`` too (only plans of MAX_K adapters may not)."""
+    return all(len(p) < MAX_K or len(effective_plan(p, merged)) <= MAX_K for p in plans)
+
+
 def _alone_on(plan: Sequence[tuple[int, float]]) -> int | None:
     """The slot of a plan that is one adapter at weight 1, else None."""
     if len(plan) == 1 and plan[0][1] == 1.0:
@@ -109,8 +114,7 @@ class MergeController:
         if merged != self._state:  # switched elsewhere (a slot write unmerges its slot)
             self._state, self._streak, self._candidate = merged, 0, None
         if merged is not None:
-            no_room = any(len(effective_plan(p, merged)) > MAX_K for p in plans)
-            if no_room or not self.policy.enabled:
+            if not self.policy.enabled or not _room_for(merged, plans):
                 return self._switch(None)
             alone = sum(1 for p in plans if _alone_on(p) == merged)
             self._streak = self._streak + 1 if alone < self.policy.unmerge_below * len(plans) else 0
@@ -119,11 +123,15 @@ class MergeController:
             return
         if not self.policy.enabled:
             return
-        counts = Counter(_alone_on(p) for p in plans)
-        counts.pop(None, None)
-        slot, alone = counts.most_common(1)[0] if counts else (None, 0)
-        fits = slot is not None and all(len(effective_plan(p, slot)) <= MAX_K for p in plans)
-        if not fits or alone < self.policy.merge_at * len(plans):
+        if self.policy.merge_at >= 1.0:  # every plan alone on one slot: stop at the first not
+            slot = _alone_on(plans[0])
+            everyone = slot is not None and all(_alone_on(p) == slot for p in plans[1:])
+            alone = len(plans) if everyone else 0
+        else:
+            counts = Counter(_alone_on(p) for p in plans)
+            counts.pop(None, None)
+            slot, alone = counts.most_common(1)[0] if counts else (None, 0)
+        if slot is None or alone < self.policy.merge_at * len(plans) or not _room_for(slot, plans):
             self._streak, self._candidate = 0, None
             return
         self._streak = self._streak + 1 if slot == self._candidate else 1
