@@ -22,6 +22,7 @@ random 4096 x 4096 case, the rest are a unit in the last place away, as with PEF
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +41,14 @@ def fold_slot(
     model's step lock): the weights change in place, so captured CUDA graphs stay valid."""
     if sign not in (1, -1):
         raise ValueError(f"sign must be 1 or -1, not {sign}")
+    # A slot write that unmerges runs in a worker thread: make the device current there, or
+    # cuBLAS warns that the thread has no CUDA context (and sets the primary one itself).
+    on_device = torch.cuda.device(store.data.device) if store.data.is_cuda else None
+    with on_device or contextlib.nullcontext():
+        _fold(store, projections, slot, sign)
+
+
+def _fold(store: LoraSlotStore, projections: Sequence[LoRALinear], slot: int, sign: int):
     for i, proj in enumerate(projections):
         for j, off in enumerate(proj.offsets):
             a, b = store.slice_weights(slot, i, j)
