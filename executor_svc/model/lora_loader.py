@@ -182,8 +182,10 @@ def _tensor_info(key: str, info, data_start: int, size: int) -> tuple[torch.dtyp
         dt, shape, (begin, end) = _DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"{key}: unsupported or malformed header entry {info!r}") from None
+    if not all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)):
+        raise ValueError(f"{key}: shape and offsets must be non-negative integers: {info!r}")
     nbytes = math.prod(shape) * dt.itemsize
-    if any(not isinstance(d, int) or d < 0 for d in shape) or end - begin != nbytes:
+    if end - begin != nbytes:
         raise ValueError(f"{key}: shape {shape} does not match {end - begin} bytes")
     if not 0 <= begin <= end <= size - data_start:
         raise ValueError(f"{key}: data offsets {begin}..{end} outside the file")

@@ -83,6 +83,7 @@ def _first_b(head: dict) -> str:
         ("garbage_header", "unreadable safetensors header"),
         ("int_dtype", "unsupported or malformed"),
         ("wrong_shape", "does not match"),
+        ("float_offsets", "non-negative integers"),
         ("missing_b", "must both be present"),
         ("rank_mismatch", "config says rank"),
         ("foreign_tensor", "unexpected tensor"),
@@ -99,6 +100,8 @@ def test_malformed_files_are_refused(case, match, adapter_factory, tmp_path):
         _rewrite(src, dst, raw=(10).to_bytes(8, "little") + b"not json!!" + b"\0" * 64)
     elif case == "int_dtype":
         _rewrite(src, dst, header=lambda h: h[_first_b(h)].update(dtype="I64"))
+    elif case == "float_offsets":
+        _rewrite(src, dst, header=lambda h: h[_first_b(h)].update(data_offsets=[0.0, 8.5]))
     elif case == "wrong_shape":
         _rewrite(src, dst, header=lambda h: h[_first_b(h)].update(shape=[3, 3]))
     elif case == "missing_b":
