@@ -22,7 +22,7 @@ import torch
 
 from executor_svc.adapters.refs import Key
 from executor_svc.engine.types import AdapterWeights, LoraModuleWeights
-from executor_svc.model.lora_slots import MODULE_ORDER
+from executor_svc.model.lora_slots import back_to_back, slot_order
 
 
 def weights_nbytes(weights: AdapterWeights) -> int:
@@ -37,11 +37,7 @@ def pack_weights(weights: AdapterWeights, *, pin: bool) -> AdapterWeights:
     """The same weights as views into one buffer (page-locked if ``pin``), in slot order.
 
     Weights of mixed dtypes are returned as they are (one buffer needs one dtype)."""
-    mods = [
-        (layer, name, weights[layer][name])
-        for layer in sorted(weights)
-        for name in sorted(weights[layer], key=_module_rank)
-    ]
+    mods = slot_order(weights)
     dtypes = {t.dtype for _, _, m in mods for t in (m.a, m.b)}
     if len(dtypes) != 1:
         return weights
@@ -62,23 +58,8 @@ def pack_weights(weights: AdapterWeights, *, pin: bool) -> AdapterWeights:
 def is_packed(weights: AdapterWeights, *, pin: bool) -> bool:
     """Whether ``weights`` already lie back to back in one host buffer in slot order, as
     :func:`pack_weights` leaves them (page-locked iff ``pin``)."""
-    end, dtype = None, None
-    for layer in sorted(weights):
-        for name in sorted(weights[layer], key=_module_rank):
-            m = weights[layer][name]
-            for t in (m.a, m.b):
-                if t.device.type != "cpu" or not t.is_contiguous():
-                    return False
-                if end is not None and (t.data_ptr() != end or t.dtype != dtype):
-                    return False
-                if end is None and t.is_pinned() != pin:
-                    return False
-                end, dtype = t.data_ptr() + t.numel() * t.element_size(), t.dtype
-    return end is not None
-
-
-def _module_rank(name: str) -> tuple[int, str]:
-    return (MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER), name)
+    tensors = [t for _, _, m in slot_order(weights) for t in (m.a, m.b)]
+    return back_to_back(tensors) and tensors[0].is_pinned() == pin
 
 
 class HostCache:

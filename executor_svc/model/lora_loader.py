@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from executor_svc.engine.types import AdapterWeights, LoraModuleWeights
-from executor_svc.model.lora_slots import MODULE_ORDER
+from executor_svc.model.lora_slots import module_rank
 
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 _KEY = re.compile(
@@ -154,7 +154,7 @@ def _read_packed(path: Path, config: dict, dtype: torch.dtype | None, pin: bool)
             k, module, ab = _parse_key(key, path)
             pairs.setdefault(k, {})[ab] = _tensor_info(key, info, 8 + n, size)
             modules[k] = module
-        order = sorted(pairs, key=lambda k: (k[0], _module_rank(k[1])))
+        order = sorted(pairs, key=lambda k: (k[0], module_rank(k[1])))
         entries = []
         for layer, proj in order:
             (a_dt, a_shape, a_at), (b_dt, b_shape, b_at) = _pair(pairs[(layer, proj)], layer, proj)
@@ -204,7 +204,3 @@ def _read_into(f, at: int, view: torch.Tensor, file_dtype: torch.dtype) -> None:
         done += got
     if target is not view:
         view.copy_(target)
-
-
-def _module_rank(name: str) -> int:
-    return MODULE_ORDER.index(name)

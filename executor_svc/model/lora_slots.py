@@ -29,6 +29,7 @@ as it was.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,33 @@ from executor_svc.engine.types import AdapterWeights, LoraModuleWeights
 MAX_SLICES = 3
 # Checkpoint module names in slot-layout order (within a layer); the host cache packs by it.
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def module_rank(name: str) -> tuple[int, str]:
+    """Sort key of a module name in slot-layout order (names we do not serve last)."""
+    return (MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER), name)
+
+
+def slot_order(weights: AdapterWeights) -> list[tuple[int, str, LoraModuleWeights]]:
+    """``(layer, name, module)`` of every module of ``weights``, in slot-layout order."""
+    return [
+        (layer, name, weights[layer][name])
+        for layer in sorted(weights)
+        for name in sorted(weights[layer], key=module_rank)
+    ]
+
+
+def back_to_back(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether host tensors of one dtype, each contiguous, follow one another in memory with no
+    gap (one buffer: what a single host-to-device copy can move)."""
+    end, dtype = None, None
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            return False
+        if end is not None and (t.data_ptr() != end or t.dtype != dtype):
+            return False
+        end, dtype = t.data_ptr() + t.numel() * t.element_size(), t.dtype
+    return end is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,15 +217,11 @@ class LoraSlotStore:
         """The adapter's host buffer as one [per_slot] tensor, when it is laid out like a slot."""
         if len(modules) != sum(len(s.names) for s in self.sites):
             return None
+        if any(mw.a.shape[0] != self.max_rank for mw in modules.values()):
+            return None
         first = next(iter(modules.values())).a
-        el, ptr = first.element_size(), first.data_ptr()
-        for mw in modules.values():
-            if mw.a.shape[0] != self.max_rank:
-                return None
-            for t in (mw.a, mw.b):
-                ok = t.dtype == self.dtype and t.device.type == "cpu" and t.is_contiguous()
-                if not ok or t.data_ptr() != ptr:
-                    return None
-                ptr += t.numel() * el
+        tensors = [t for mw in modules.values() for t in (mw.a, mw.b)]
+        if first.dtype != self.dtype or not back_to_back(tensors):
+            return None
         out = torch.empty(0, dtype=self.dtype)
         return out.set_(first.untyped_storage(), first.storage_offset(), (self.per_slot,))
