@@ -223,28 +223,25 @@ class CausalLM(nn.Module):
         took 100-350 ms on the H100 host, the copy 5-16 ms) are copied on a stream of their
         own while steps run, and the step stream waits for that copy before its next step."""
         self._check_slot(slot)
-        if self._copy_stream is None or not _pageable(weights):
-            with self.step_lock:
-                self._unmerge_before_write(slot, weights)
-                self.lora_store.write(slot, weights)
-            return
-        self.lora_store.check(weights)
+        staged = self._copy_stream is not None and _pageable(weights)
         with self.step_lock:
-            if slot == self._merged_slot:  # the unmerge reads the slot: the copy waits for it
+            if slot == self._merged_slot:
+                self.lora_store.check(weights)  # a bad adapter must not unmerge either
                 self.unmerge_lora()
-                self._copy_stream.wait_event(torch.cuda.current_stream(self.device).record_event())
-        # Else no wait for the steps queued so far: none of them reads the slot (a request
-        # cancelled mid-step may, and its output is dropped).
+                if staged:  # the unmerge reads the slot: the copy waits for it
+                    self._copy_stream.wait_event(
+                        torch.cuda.current_stream(self.device).record_event()
+                    )
+            if not staged:
+                self.lora_store.write(slot, weights)
+                return
+        # No wait for the steps queued so far: none of them reads the slot (a request cancelled
+        # mid-step may, and its output is dropped).
         with torch.cuda.stream(self._copy_stream):
             self.lora_store.write(slot, weights)
             written = self._copy_stream.record_event()
         with self.step_lock:
             torch.cuda.current_stream(self.device).wait_event(written)
-
-    def _unmerge_before_write(self, slot: int, weights: AdapterWeights) -> None:
-        if slot == self._merged_slot:
-            self.lora_store.check(weights)  # a bad adapter must not unmerge either
-            self.unmerge_lora()
 
     def reset_lora(self, slot: int) -> None:
         self._check_slot(slot)
