@@ -52,6 +52,7 @@ def collect_status(data_dir: Path) -> Group:
         "slots free",
         "KV blocks free",
         "resident adapters",
+        "merged",
         title="executors",
     )
     for address in executors:
@@ -69,9 +70,10 @@ def collect_status(data_dir: Path) -> Group:
                 f"{s.adapter_slots_free}/{s.adapter_slots_total}",
                 f"{s.kv_blocks_free}/{s.kv_blocks_total}",
                 resident,
+                s.merged_adapter_id or "-",
             )
         except grpc.RpcError as exc:
-            load.add_row(address, "-", "-", "-", "-", "-", f"unreachable ({exc.code().name})")
+            load.add_row(address, "-", "-", "-", "-", "-", f"unreachable ({exc.code().name})", "-")
 
     pool = Table("status", "adapters", title="adapter pool")
     try:
