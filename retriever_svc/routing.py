@@ -97,11 +97,13 @@ def choose_replica(
         return Choice(best, f"adapters resident ({n}/{len(wanted)}), load {best.load}")
     if n:
         return Choice(best, f"adapters partly resident ({n}/{len(wanted)}), load {best.load}")
-    if best is not least:  # nothing resident anywhere: the merged adapters made the difference
+    # Nothing resident anywhere: a replica as loaded or less lost on its merged adapter alone.
+    passed = [r for r in replicas if merged(r) < merged(best) and r.load <= best.load]
+    if passed:
         return Choice(
             best,
-            f"no other adapter merged (load {best.load}); {least.replica_id} "
-            f"(load {least.load}) has {least.merged} merged",
+            f"no other adapter merged (load {best.load}); {passed[0].replica_id} "
+            f"(load {passed[0].load}) has {passed[0].merged} merged",
         )
     return Choice(best, f"least loaded (load {best.load})")
 

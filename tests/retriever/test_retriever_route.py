@@ -24,7 +24,7 @@ from retriever_svc.settings import RetrieverSettings
 DEAD = "127.0.0.1:1"
 
 
-def executor(model_dir: Path, adapter_root: Path, data_dir: Path, name: str):
+def executor(model_dir: Path, adapter_root: Path, data_dir: Path, name: str, **kw):
     return build_executor(
         ExecutorSettings(
             port=0,
@@ -38,6 +38,7 @@ def executor(model_dir: Path, adapter_root: Path, data_dir: Path, name: str):
             adapter_dir=str(adapter_root),
             use_registry=False,
             common=CommonSettings(data_dir=data_dir),
+            **kw,
         )
     )
 
@@ -113,4 +114,52 @@ async def test_route_by_residency_and_availability(tmp_path, tiny_model_dir, tin
         for ch in channels:
             await ch.close()
         for server in reversed(started):
+            await server.stop(grace=0.2)
+
+
+async def test_route_prefers_the_replica_with_the_adapter_merged(
+    tmp_path, tiny_model_dir, tiny_adapters
+):
+    """Both replicas hold a1; requests on a1 alone run on replica-a until it folds a1 into its
+    base weights (dLoRA's merged mode): Route sends a1 there and a base request elsewhere."""
+    adapter_root = tiny_adapters[0].parent
+    kw = {"merge_patience_steps": 2}
+    ex_a = executor(tiny_model_dir, adapter_root, tmp_path / "a", "replica-a", **kw)
+    ex_b = executor(tiny_model_dir, adapter_root, tmp_path / "b", "replica-b", **kw)
+    servers, channels = [], []
+    try:
+        for ex in (ex_a, ex_b):
+            await ex.start()
+            servers.append(ex)
+            await ex.wait_ready(60)
+            ch = grpc.aio.insecure_channel(ex.address)
+            channels.append(ch)
+            await executor_pb2_grpc.ExecutorServiceStub(ch).LoadAdapter(
+                executor_pb2.LoadAdapterRequest(adapter=common_pb2.AdapterRef(adapter_id="a1"))
+            )
+        on_a = executor_pb2_grpc.ExecutorServiceStub(channels[0])
+        sampling = common_pb2.SamplingParams(max_tokens=12, min_tokens=12)
+        await on_a.Generate(
+            executor_pb2.GenerateRequest(prompt="hello", plan=plan("a1"), sampling=sampling)
+        )
+        stats = await on_a.GetStats(executor_pb2.GetStatsRequest())
+        assert stats.merged_adapter_id == "a1"
+        common = CommonSettings(
+            data_dir=tmp_path / "r", executor_addresses=[ex_a.address, ex_b.address]
+        )
+        retriever = build_retriever(RetrieverSettings(port=0, common=common, stats_ttl_s=0.05))
+        await retriever.start()
+        servers.append(retriever)
+        ch = grpc.aio.insecure_channel(retriever.address)
+        channels.append(ch)
+        stub = retriever_pb2_grpc.RetrieverServiceStub(ch)
+        base = tiny_model_dir.name
+        got = await stub.Route(retriever_pb2.RouteRequest(plan=plan("a1"), base_model=base))
+        assert got.replica_id == "replica-a" and got.reason.startswith("adapter merged")
+        got = await stub.Route(retriever_pb2.RouteRequest(plan=plan(), base_model=base))
+        assert got.replica_id == "replica-b" and got.reason.startswith("no other adapter merged")
+    finally:
+        for ch in channels:
+            await ch.close()
+        for server in reversed(servers):
             await server.stop(grace=0.2)
