@@ -43,6 +43,18 @@ def executor(model_dir: Path, adapter_root: Path, data_dir: Path, name: str, **k
     )
 
 
+async def start_router(data_dir: Path, addresses: list[str], servers: list, channels: list):
+    """A retriever routing over ``addresses`` (stats cached 50 ms), started and recorded in
+    ``servers`` and ``channels`` for the caller's cleanup; returns its stub."""
+    common = CommonSettings(data_dir=data_dir, executor_addresses=addresses)
+    retriever = build_retriever(RetrieverSettings(port=0, common=common, stats_ttl_s=0.05))
+    await retriever.start()
+    servers.append(retriever)
+    ch = grpc.aio.insecure_channel(retriever.address)
+    channels.append(ch)
+    return retriever_pb2_grpc.RetrieverServiceStub(ch)
+
+
 def plan(*ids: str) -> common_pb2.LoraPlan:
     return common_pb2.LoraPlan(
         strategy=common_pb2.COMPOSITION_STRATEGY_MIXTURE,
@@ -61,15 +73,9 @@ async def test_route_by_residency_and_availability(tmp_path, tiny_model_dir, tin
             await ex.start()
             started.append(ex)
         await asyncio.gather(ex_a.wait_ready(60), ex_b.wait_ready(60))
-        common = CommonSettings(
-            data_dir=tmp_path / "r", executor_addresses=[ex_a.address, ex_b.address, DEAD]
+        stub = await start_router(
+            tmp_path / "r", [ex_a.address, ex_b.address, DEAD], started, channels
         )
-        retriever = build_retriever(RetrieverSettings(port=0, common=common, stats_ttl_s=0.05))
-        await retriever.start()
-        started.append(retriever)
-        ch = grpc.aio.insecure_channel(retriever.address)
-        channels.append(ch)
-        stub = retriever_pb2_grpc.RetrieverServiceStub(ch)
         base = tiny_model_dir.name  # executors report their model directory's name
 
         async def route(*ids: str, base_model: str = base) -> retriever_pb2.RouteResponse:
@@ -144,15 +150,7 @@ async def test_route_prefers_the_replica_with_the_adapter_merged(
         )
         stats = await on_a.GetStats(executor_pb2.GetStatsRequest())
         assert stats.merged_adapter_id == "a1"
-        common = CommonSettings(
-            data_dir=tmp_path / "r", executor_addresses=[ex_a.address, ex_b.address]
-        )
-        retriever = build_retriever(RetrieverSettings(port=0, common=common, stats_ttl_s=0.05))
-        await retriever.start()
-        servers.append(retriever)
-        ch = grpc.aio.insecure_channel(retriever.address)
-        channels.append(ch)
-        stub = retriever_pb2_grpc.RetrieverServiceStub(ch)
+        stub = await start_router(tmp_path / "r", [ex_a.address, ex_b.address], servers, channels)
         base = tiny_model_dir.name
         got = await stub.Route(retriever_pb2.RouteRequest(plan=plan("a1"), base_model=base))
         assert got.replica_id == "replica-a" and got.reason.startswith("adapter merged")
