@@ -101,6 +101,15 @@ def fused_max_tokens(device: torch.device | str, lora: bool) -> int:
     return int(limits.get("lora" if lora else "base", 0))
 
 
+def beside_triton_gemm_tokens(device: torch.device | str) -> list[tuple[int, int]]:
+    """Token ranges ``[(lo, hi), ...]`` (inclusive) in which :func:`kernels.linear_beside_lora`
+    runs the base GEMM as our skinny Triton GEMM instead of cuBLAS while the delta's kernels
+    run beside it (``beside_triton_gemm_tokens`` in the GPU's config; none without one).
+    Measured per GPU: docs/benchmarks.md, ninth pass."""
+    ranges = load_config(gpu_config_name(device)).get("beside_triton_gemm_tokens", [])
+    return [(int(lo), int(hi)) for lo, hi in ranges]
+
+
 def block_m_for(num_tokens: int, device: torch.device | str) -> int:
     """Tokens per tile (the metadata's block_m) for a step of ``num_tokens`` tokens."""
     return block_m_in(load_config(gpu_config_name(device)), num_tokens)

@@ -24,7 +24,10 @@ Measured on the H100 (docs/benchmarks.md, sixth pass): with one adapter, or a fe
 tokens, the pair costs 0.96-1.10x cuBLAS's projection alone; with many adapters the epilogue's
 walk over them, after the main loop, costs more than the unfused kernels running beside the
 GEMM, and so does a whole 7B decode step at 32 and 64 tokens. The engine uses it where the
-GPU's config says it wins (``fused_max_tokens``).
+GPU's config says it wins (``fused_max_tokens``). Without a delta it is a skinny GEMM that
+beat cuBLAS in whole 7B decode steps at 1-64 tokens on the H100 (ninth pass): the engine's
+base projections use it there, and steps with adapters run it beside the delta's kernels at
+the token counts where that measured faster (:func:`kernels.linear_beside_lora`).
 """
 
 from __future__ import annotations
@@ -221,9 +224,10 @@ def fused_supported(lora_b: Sequence[torch.Tensor] | None) -> bool:
 def fused_preferred(x: torch.Tensor, lora_b: Sequence[torch.Tensor] | None, lora: bool) -> bool:
     """Whether the engine should run the fused kernel for x's token count, with adapters
     (``lora``) or for the base projection alone: up to this GPU's measured limit
-    (``fused_max_tokens`` in its config; 0 on the H100, where it never won a whole decode
-    step), or up to LORASERVE_KERNELS_FUSED_MAX_TOKENS when set (A/B measurements). Never on
-    the CPU or in the interpreter."""
+    (``fused_max_tokens`` in its config; on the H100 0 with adapters, where the delta in the
+    epilogue never won a whole decode step, and 64 without), or up to
+    LORASERVE_KERNELS_FUSED_MAX_TOKENS when set (A/B measurements). Never on the CPU or in the
+    interpreter."""
     if not (x.is_cuda and not INTERPRET and fused_supported(lora_b)):
         return False
     forced = os.environ.get("LORASERVE_KERNELS_FUSED_MAX_TOKENS")

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.add_lora_op import add_lora
+from kernels.config import beside_triton_gemm_tokens
+from kernels.fused_linear_lora_op import fused_linear_lora
 from kernels.metadata import LoraBatchMeta
 
 # LORASERVE_KERNELS_BRANCH=0 keeps the LoRA kernels on the calling stream (A/B measurements).
@@ -123,6 +125,27 @@ def linear_beside_lora(
         if head is not None:
             head.zero_()
         add_lora(into, x, lora_a, lora_b, ranks, scales, meta)
-    y = F.linear(x, weight, bias)
+    if _triton_gemm_beside(x):
+        y = fused_linear_lora(x, weight, bias, None, None, None, None, None)
+    else:
+        y = F.linear(x, weight, bias)
     main.wait_stream(side)
     return y, into
+
+
+def _triton_gemm_beside(x: torch.Tensor) -> bool:
+    """Whether the branch's base GEMM is our skinny Triton GEMM (kernels.fused_linear_lora
+    without a delta) rather than cuBLAS. Measured on the H100 at 64 tokens with 8 adapters
+    (a CUPTI trace of the captured 7B decode step): beside cuBLAS's GEMMs 4.3 of the LoRA
+    kernels' 5.0 ms ran beside a GEMM, the rest after it, on the step's critical path; beside
+    ours all of them did, and the step took 7.17-7.23 ms instead of 7.49-7.65. At 8-32 tokens
+    cuBLAS did better (docs/benchmarks.md, ninth pass). Where: the GPU config's
+    ``beside_triton_gemm_tokens``; LORASERVE_KERNELS_BESIDE_GEMM=triton (up to 64 tokens) or
+    =cublas overrides it (A/B measurements)."""
+    forced = os.environ.get("LORASERVE_KERNELS_BESIDE_GEMM")
+    if forced == "cublas":
+        return False
+    t = x.shape[0]
+    if forced == "triton":
+        return t <= 64
+    return any(lo <= t <= hi for lo, hi in beside_triton_gemm_tokens(x.device))

@@ -33,6 +33,11 @@ def test_config_file_schema(path) -> None:
     for e in cfg["expand"]:
         assert _pow2(e["BLOCK_N"]) and e["BLOCK_N"] >= 16
         assert _pow2(e["num_warps"]) and e["num_stages"] >= 1 and e["max_tokens"] >= 1
+    # where our skinny GEMM runs, its fused entries must cover the token counts
+    most = max((e["max_tokens"] for e in cfg.get("fused", [])), default=0)
+    for lo, hi in cfg.get("beside_triton_gemm_tokens", []):
+        assert 1 <= lo <= hi <= most
+    assert cfg.get("fused_max_tokens", {}).get("base", 0) <= most
 
 
 def test_lookup_takes_smallest_bucket_then_nearest_dim() -> None:

@@ -72,9 +72,14 @@ def test_linear_beside_lora_sums_to_the_projection_plus_the_delta(
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
 @pytest.mark.parametrize("mode", ["plan", "column"])
-def test_captured_branches_replay_with_new_plans(mode: str) -> None:
-    """Captured, the LoRA kernels are a branch beside the GEMM; replays with new plans are exact."""
+def test_captured_branches_replay_with_new_plans(
+    mode: str, gemm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Captured, the LoRA kernels are a branch beside the GEMM (cuBLAS's or our Triton one);
+    replays with new plans are exact."""
+    monkeypatch.setenv("LORASERVE_KERNELS_BESIDE_GEMM", gemm)
     dev, dtype = torch.device("cuda"), torch.bfloat16
 
     def batch(seed: int, popularity: str):
