@@ -35,6 +35,17 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class PrefillRun:
+    """``count`` back-to-back prefill chunks of ``length`` tokens each from ``start``, none with
+    history (one attention call for all of them), or one chunk with history (``chunk``)."""
+
+    start: int
+    length: int
+    count: int = 1
+    chunk: PrefillChunk | None = None
+
+
+@dataclass(slots=True)
 class StepContext:
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64 flat KV row written by each token
@@ -44,3 +55,26 @@ class StepContext:
     prefills: list[PrefillChunk] = field(default_factory=list)
     lora: LoraBatchMeta | None = None
     block_size: int = 16
+    _runs: list[PrefillRun] | None = None  # prefill_runs(), worked out once per step
+
+    def prefill_runs(self) -> list[PrefillRun]:
+        """The prefill chunks as attention calls: adjacent fresh chunks of one length share a
+        call (a batch of equal sequences), a chunk with history gets its own. Worked out once
+        per step; every layer reuses it."""
+        if self._runs is None:
+            runs: list[PrefillRun] = []
+            for p in self.prefills:
+                last = runs[-1] if runs else None
+                if p.kv_rows is not None:
+                    runs.append(PrefillRun(p.start, p.length, chunk=p))
+                elif (
+                    last is not None
+                    and last.chunk is None
+                    and last.length == p.length
+                    and last.start + last.count * last.length == p.start
+                ):
+                    last.count += 1
+                else:
+                    runs.append(PrefillRun(p.start, p.length))
+            self._runs = runs
+        return self._runs

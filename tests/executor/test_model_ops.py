@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from executor_svc.model.context import PrefillChunk, StepContext
+from executor_svc.model.layers.attention import PagedAttention
 from executor_svc.model.layers.lora_ops import add_lora_torch
 from executor_svc.model.layers.paged_attention import paged_decode_torch, paged_decode_triton
 from kernels import add_lora_ref, build_lora_meta
@@ -92,3 +94,66 @@ def test_fused_ops_equal_torch():
         fused_ops.rope_qkv(q, k, v, pos, cos, sin, dq[:, :2], dk, dv)
     with pytest.raises(ValueError, match="together"):
         fused_ops.rope_qkv(q, k, v, pos, cos, sin, dq, dk)
+
+
+def _fresh(start: int, length: int) -> PrefillChunk:
+    return PrefillChunk(start=start, length=length)
+
+
+def test_prefill_runs_group_adjacent_fresh_chunks_of_one_length():
+    """Back-to-back prompts of one length share an attention call; a chunk with history, a
+    new length or a gap starts another."""
+    hist = PrefillChunk(start=11, length=2, kv_rows=torch.arange(6), mask=torch.ones(2, 6) > 0)
+    chunks = [_fresh(0, 4), _fresh(4, 4), _fresh(8, 3), hist, _fresh(13, 3), _fresh(16, 3)]
+    chunks.append(_fresh(20, 3))  # not adjacent: 16 + 3 = 19
+    ctx = StepContext(positions=torch.zeros(23), slot_mapping=torch.zeros(23), prefills=chunks)
+    runs = [(r.start, r.length, r.count, r.chunk is not None) for r in ctx.prefill_runs()]
+    assert runs == [(0, 4, 2, False), (8, 3, 1, False), (11, 2, 1, True), (13, 3, 2, False),
+                    (20, 3, 1, False)]  # fmt: skip
+    assert ctx.prefill_runs() is ctx.prefill_runs()  # worked out once per step
+
+
+def test_batched_prefill_attention_equals_one_call_per_prompt():
+    """Prompts batched into one attention call give what one call per prompt gives (GQA,
+    decodes and a chunk with history in the same step)."""
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, d, rows = 4, 2, 8, 64
+    attn = PagedAttention(hq, hkv, d)
+    nd = 2  # decode tokens first, then prompts of 5, 5, 5 and 3 tokens, then a chunk of 2
+    lens = [5, 5, 5, 3]
+    t = nd + sum(lens) + 2
+    q, k, v = (torch.randn(t, h, d, generator=g) for h in (hq, hkv, hkv))
+    k_cache, v_cache = (
+        torch.randn(rows, hkv, d, generator=g),
+        torch.randn(rows, hkv, d, generator=g),
+    )
+    slot_mapping = torch.randperm(rows, generator=g)[:t]
+    starts = [nd + sum(lens[:i]) for i in range(len(lens))]
+    chunks = [_fresh(s, n) for s, n in zip(starts, lens, strict=True)]
+    # the history chunk: 4 cached tokens at rows 0..3 (not written this step), then its 2
+    hist_rows = torch.cat([torch.arange(4) + rows - 8, slot_mapping[t - 2 :]])
+    mask = torch.arange(6)[None, :] <= (torch.arange(2) + 4)[:, None]
+    chunks.append(PrefillChunk(start=t - 2, length=2, kv_rows=hist_rows, mask=mask))
+    ctx = StepContext(
+        positions=torch.zeros(t, dtype=torch.long),
+        slot_mapping=slot_mapping,
+        num_decode=nd,
+        block_tables=torch.tensor([[0], [1]], dtype=torch.int32),
+        context_lens=torch.tensor([3, 5], dtype=torch.int32),
+        prefills=chunks,
+        block_size=16,
+    )
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = attn(q, k, v, (kc, vc), ctx)
+    assert len(ctx.prefill_runs()) == 3  # three prompts of 5 in one call
+    for p in chunks:  # one call per prompt, as before
+        sl = slice(p.start, p.start + p.length)
+        if p.kv_rows is None:
+            ks, vs, m, causal = k[sl], v[sl], None, True
+        else:
+            ks, vs, m, causal = kc[p.kv_rows], vc[p.kv_rows], p.mask, False
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[sl].transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+            attn_mask=m, is_causal=causal, scale=d**-0.5, enable_gqa=True,
+        )[0].transpose(0, 1)  # fmt: skip
+        torch.testing.assert_close(out[sl], want, atol=1e-5, rtol=1e-5)

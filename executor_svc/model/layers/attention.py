@@ -44,20 +44,29 @@ class PagedAttention(nn.Module):
                 self.scale,
                 ctx.block_size,
             )
-        for p in ctx.prefills:
-            sl = slice(p.start, p.start + p.length)
-            if p.kv_rows is None:
+        # One call per run of equal fresh prompts (a batch), not one per prompt: a step of 16
+        # prompts made 16 calls a layer, ~25 ms of host time for a 2,048-token step.
+        for run in ctx.prefill_runs():
+            n, length = run.count, run.length
+            sl = slice(run.start, run.start + n * length)
+            p = run.chunk
+            if p is None:
                 ks, vs, mask, causal = k[sl], v[sl], None, True
             else:
                 ks, vs, mask, causal = k_cache[p.kv_rows], v_cache[p.kv_rows], p.mask, False
             o = F.scaled_dot_product_attention(
-                q[sl].transpose(0, 1).unsqueeze(0),
-                ks.transpose(0, 1).unsqueeze(0),
-                vs.transpose(0, 1).unsqueeze(0),
+                _heads_first(q[sl], n),
+                _heads_first(ks, n),
+                _heads_first(vs, n),
                 attn_mask=mask,
                 is_causal=causal,
                 scale=self.scale,
                 enable_gqa=True,
             )
-            out[sl] = o.squeeze(0).transpose(0, 1)
+            out[sl] = o.transpose(1, 2).reshape(-1, o.shape[1], o.shape[3])
         return out
+
+
+def _heads_first(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[n * L, H, D] (n sequences of L tokens, back to back) -> [n, H, L, D], a view."""
+    return x.view(n, -1, *x.shape[1:]).transpose(1, 2)
