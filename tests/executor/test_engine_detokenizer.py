@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from executor_svc.engine.detokenizer import IncrementalDetokenizer
 from executor_svc.engine.sampler import sample
 from executor_svc.engine.sequence import Sequence
 from executor_svc.engine.types import SamplingOptions
+from loraserve.devmodels import build_tokenizer
 
 
 class CharTokenizer:
@@ -56,3 +61,61 @@ def test_min_tokens_bans_eos():
     assert sample(logits.clone(), [seq], eos_ids=[1]) == [2]
     seq.token_ids += [2, 2]
     assert sample(logits.clone(), [seq], eos_ids=[1]) == [1]
+
+
+TEXT = "Hello world. Größe, naïve café — 日本語のテキスト 🙂 and more\n\nEND of it. " * 6
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """The dev models' byte-level BPE (trained on English text: most non-ASCII characters
+    take several tokens, each holding part of a character's bytes)."""
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.mark.parametrize("chunks", ["one", "random"])
+def test_deltas_equal_the_full_decode_with_a_byte_level_bpe(bpe, chunks):
+    """Pushed one token at a time or in chunks of 1-5, the deltas concatenate to the decode of
+    all the ids; no delta ends in a cut character; special tokens are skipped."""
+    rng = random.Random(3)
+    ids = bpe(TEXT)["input_ids"]
+    ids = ids[:40] + [bpe.eos_token_id] + ids[40:]  # a special token inside the text
+    ids += [rng.randrange(len(bpe)) for _ in range(60)]  # random bytes: cut characters too
+    d = IncrementalDetokenizer(bpe, [])
+    deltas, i = [], 0
+    while i < len(ids):
+        n = 1 if chunks == "one" else rng.randint(1, 5)
+        deltas.append(d.push(ids[i : i + n], final=i + n >= len(ids))[0])
+        i += n
+    assert "".join(deltas) == bpe.decode(ids, skip_special_tokens=True)
+    assert not any(x.endswith("\ufffd") for x in deltas[: len(deltas) * 2 // 5])
+
+
+def test_stop_string_across_byte_level_tokens(bpe):
+    """A stop string found in text decoded window by window: the text before it, nothing after."""
+    ids = bpe(TEXT)["input_ids"]
+    d = IncrementalDetokenizer(bpe, ["\n\nEND"])
+    out, stopped = "", False
+    for i in ids:
+        delta, stopped = d.push([i])
+        out += delta
+        if stopped:
+            break
+    assert stopped and out == TEXT[: TEXT.index("\n\nEND")]
+
+
+def test_each_push_decodes_a_short_window(bpe):
+    """The cost of a push does not grow with the completion: every decode call sees a few
+    tokens, not all of them (it was the whole completion: O(n) a token)."""
+    seen = []
+
+    class Counting:  # the real tokenizer, its decode calls counted
+        def decode(self, ids, skip_special_tokens=True):
+            seen.append(len(ids))
+            return bpe.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    ids = bpe(TEXT * 3)["input_ids"]
+    d = IncrementalDetokenizer(Counting(), ["\n\nEND!"])
+    text = "".join(d.push([i])[0] for i in ids)
+    assert text == bpe.decode(ids, skip_special_tokens=True)
+    assert len(ids) > 1000 and max(seen) <= 12
