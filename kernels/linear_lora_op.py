@@ -138,7 +138,7 @@ def _triton_gemm_beside(x: torch.Tensor) -> bool:
     without a delta) rather than cuBLAS. Measured on the H100 at 64 tokens with 8 adapters
     (a CUPTI trace of the captured 7B decode step): beside cuBLAS's GEMMs 4.3 of the LoRA
     kernels' 5.0 ms ran beside a GEMM, the rest after it, on the step's critical path; beside
-    ours all of them did, and the step took 7.17-7.23 ms instead of 7.49-7.65. At 8-32 tokens
+    ours all of them did, and the step took 7.16-7.23 ms instead of 7.49-7.65. At 8-32 tokens
     cuBLAS did better (docs/benchmarks.md, ninth pass). Where: the GPU config's
     ``beside_triton_gemm_tokens``; LORASERVE_KERNELS_BESIDE_GEMM=triton (up to 64 tokens) or
     =cublas overrides it (A/B measurements)."""
