@@ -7,7 +7,7 @@ limit (0 on the H100), one GEMM with the delta in its epilogue
 (:func:`kernels.fused_linear_lora`). On CPU a vectorised torch path (gather + two einsums)
 computes the same thing: the kernels' own reference (:func:`kernels.add_lora_ref`) is a
 per-token loop and too slow for whole forward passes, so this path is tested against it
-instead (tests/executor/test_model_lora_ops.py).
+instead (tests/executor/test_model_ops.py).
 
 Semantics (both paths):
     for t in range(num_tokens):
