@@ -275,7 +275,8 @@ class Engine:
         sp = request.sampling
         if sp.max_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
             raise ValueError("invalid sampling options")
-        gen = make_generator(sp.seed, self.device) if sp.temperature > 0 else None
+        seeded = sp.temperature > 0 and sp.seed is not None
+        gen = make_generator(sp.seed, self.device) if seeded else None
         return Sequence(
             request_id=request.request_id,
             token_ids=ids,
