@@ -89,8 +89,10 @@ class Scheduler:
             self.running.append(seq)
             batch.entries.append((seq, n))
             budget -= n
-        # Attention wants single-token (decode-shaped) entries first.
-        batch.entries.sort(key=lambda e: e[1] != 1)
+        # Attention wants single-token (decode-shaped) entries first; then fresh prompt chunks
+        # by length, so that prompts of one length sit side by side and share an attention
+        # call (StepContext.prefill_runs), then chunks that continue a prompt.
+        batch.entries.sort(key=lambda e: (e[1] != 1, e[1] > 1 and e[0].num_computed > 0, e[1]))
         batch.block_tables = [list(s.block_table) for s, _ in batch.entries]
         return batch
 

@@ -9,6 +9,9 @@ import contextlib
 import pytest
 
 from executor_svc.engine import Engine, EngineRequest, SamplingOptions, running_engine
+from executor_svc.engine.block_manager import BlockManager
+from executor_svc.engine.scheduler import Scheduler
+from executor_svc.engine.sequence import SeqStatus, Sequence
 from executor_svc.model.lora_loader import load_adapter
 from loraserve.devmodels import write_lora_adapter
 
@@ -204,6 +207,29 @@ async def test_set_lora_while_running(tiny_model_dir, tmp_path):
             await asyncio.to_thread(engine.model.set_lora, 3, other)
             await asyncio.to_thread(engine.model.reset_lora, 3)
         assert (await task)[0] == expected
+
+
+def test_schedule_orders_decodes_then_fresh_prompts_by_length():
+    """Decode-shaped entries first, fresh prompt chunks by length (equal lengths side by side:
+    one attention call each run), then a chunk that continues its prompt."""
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    opts = SamplingOptions(max_tokens=4)
+
+    def seq(name: str, prompt: int, computed: int = 0) -> Sequence:
+        s = Sequence(name, list(range(3, 3 + prompt)), prompt, opts, [], max_tokens=4)
+        s.num_computed = computed
+        return s
+
+    running = [seq("dec", 6, computed=6), seq("cont", 12, computed=4)]
+    running[0].token_ids.append(9)  # sampled last step: one token to decode
+    for s in running:
+        sched.blocks.allocate(s, s.num_computed)
+        s.status = SeqStatus.RUNNING
+        sched.running.append(s)
+    for name, n in (("a5", 5), ("b3", 3), ("c5", 5), ("d3", 3)):
+        sched.add(seq(name, n))
+    order = [(s.request_id, n) for s, n in sched.schedule().entries]
+    assert order == [("dec", 1), ("b3", 3), ("d3", 3), ("a5", 5), ("c5", 5), ("cont", 8)]
 
 
 def test_abort_between_schedule_and_step_keeps_the_step_consistent(tiny_model_dir):
