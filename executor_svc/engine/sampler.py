@@ -15,8 +15,9 @@ p as tensors) and drawn by the exponential race: argmax(p / E) with E ~ Exp(1) i
 token j with probability p_j, like a multinomial draw. A seeded request draws its E from its
 own ``torch.Generator`` (one small launch per seeded row), so it gets the same tokens alone or
 in any batch; the other rows share one draw from the device's default generator. The
-previous per-row loop (topk, sort, softmax, multinomial per row) cost ~8 launches a sampled
-row: at 64 sampled requests, more host time a decode step than the GPU's.
+previous per-row loop (topk, sort, softmax, multinomial per row) issued ~18 ATen ops a sampled
+row (1,156 for 64 rows; bench/sampler_bench.py), each a launch on CUDA: at 64 sampled
+requests, more host time a decode step than the GPU's.
 """
 
 from __future__ import annotations
@@ -66,20 +67,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> li
     everyone = len(drawn) == len(seqs)
     rows = None if everyone else torch.tensor(drawn, device=dev)
     x = logits if everyone else logits[rows]
-    # per row: temperature, k - 1 (V - 1: no cut), p (inf: no cut); one copy to the device
+    ks = [o.top_k if 0 < o.top_k < vocab else vocab for o in opts]  # vocab: no cut
+    ps = [o.top_p if o.top_p < 1.0 else float("inf") for o in opts]  # inf: no cut
+    # per row: temperature, k - 1, p; one copy to the device
     params = torch.tensor(
-        [
-            (
-                o.temperature,
-                (o.top_k if 0 < o.top_k < vocab else vocab) - 1,
-                o.top_p if o.top_p < 1.0 else float("inf"),
-            )
-            for o in opts
-        ],
-        device=dev,
+        [(o.temperature, k - 1, p) for o, k, p in zip(opts, ks, ps, strict=True)], device=dev
     )
-    cut_k = any(0 < o.top_k < vocab for o in opts)
-    cut_p = any(o.top_p < 1.0 for o in opts)
+    cut_k = any(k < vocab for k in ks)
+    cut_p = any(p != float("inf") for p in ps)
     x = filter_logits(
         x / params[:, :1],
         params[:, 1].long() if cut_k else None,
