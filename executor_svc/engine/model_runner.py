@@ -9,7 +9,8 @@ adapter over 64 requests launched as many programs as 64 distinct adapters; the 
 0.1-0.7 ms of GPU time off a 7B decode step on the H100, docs/benchmarks.md). Inputs are
 copied into static buffers (the LoRA metadata in two copies from pinned memory); padding rows
 write to the scratch KV block 0 and carry no adapter, so nothing is allocated on the device
-per step. Steps with prefill chunks run eagerly (attention per chunk).
+per step. Steps with prefill chunks run eagerly (attention in one call per run of fresh
+prompts of one length, StepContext.prefill_runs; one call per chunk with history).
 
 Before each step the merge controller (executor_svc.engine.merging, dLoRA's merged mode) may
 fold one adapter into the base weights or take it out, and rewrites the step's plans to match:
