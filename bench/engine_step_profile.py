@@ -17,10 +17,11 @@ Prints JSON lines, never asserts on time:
   per kernel class (gemm, lora, memset, other) the summed kernel time and how much of it
   ran beside a GEMM, and the step's span, busy time (union of kernels) and idle gaps.
 
-Compare ``graph_replay`` with the engine benchmark's decode tokens/s to see the host's share
-of a step.
+Compare ``graph_replay`` at ``--contexts 192`` (the engine benchmark's mean: 128-token prompts,
+128 new tokens) with the engine benchmark's decode tokens/s to see the host's share of a step;
+at the default context of 1 token a replay leaves out the attention's KV reads.
 
-    python bench/engine_step_profile.py [--batches 32 64]
+    python bench/engine_step_profile.py [--batches 32 64] [--contexts 1 192]
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.engine_bench import llama7b_config, random_adapter  # noqa: E402
 from executor_svc.engine import Engine  # noqa: E402
 from executor_svc.model.context import PrefillChunk, StepContext  # noqa: E402
+from executor_svc.model.layers import paged_attention  # noqa: E402
 from executor_svc.model.layers.fused_ops import silu_and_mul  # noqa: E402
 from kernels import add_lora, build_lora_meta, overlapped  # noqa: E402
 from kernels._bench import graph_ms  # noqa: E402
@@ -90,12 +92,26 @@ def decode_graph(engine: Engine, case: str, b: int, pads: list[int]):
     return g, host
 
 
-def profile_graphs(engine: Engine, batches: list[int]) -> None:
+def set_context(engine: Engine, b: int, context: int) -> None:
+    """Point the decode graphs' first ``b`` rows at ``context`` tokens of KV each, in distinct
+    blocks (block 1 onwards), as an engine step at that context length reads them."""
+    runner = engine.runner
+    per_seq = -(-context // engine.block_size)
+    if 1 + b * per_seq > engine.blocks.num_usable + 1:
+        raise SystemExit(f"--context {context} at batch {b} needs more KV blocks")
+    tables = 1 + torch.arange(b * per_seq, dtype=torch.int32, device="cuda").view(b, per_seq)
+    runner.s_tables[:b, :per_seq] = tables
+    runner.s_lens[:b] = context
+
+
+def profile_graphs(engine: Engine, batches: list[int], context: int = 1) -> None:
     runner = engine.runner
     for b in batches:
+        set_context(engine, b, context)
         emit(
             bench="graph_replay",
             batch=b,
+            context=context,
             case="no_adapter",
             ms=round(replay_ms(runner.graphs[(b, 0, 0)].graph), 3),
         )
@@ -105,6 +121,7 @@ def profile_graphs(engine: Engine, batches: list[int]) -> None:
                 emit(
                     bench="graph_replay",
                     batch=b,
+                    context=context,
                     case=case,
                     tile_pad=host.grid_tiles,
                     tiles=host.num_tiles,
@@ -369,8 +386,24 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--only", nargs="+", default=["graphs", "host", "projections", "prefill"])
+    ap.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="graphs: KV tokens each decode row attends to (the engine benchmark's steps run at "
+        "129-256)",
+    )
     # also: timeline (a CUPTI trace of decode graph replays)
+    ap.add_argument(
+        "--decode-max-splits",
+        type=int,
+        help="cap the decode attention's context splits (1: one program per sequence and KV head, "
+        "the kernel before the splits)",
+    )
     args = ap.parse_args()
+    if args.decode_max_splits:
+        paged_attention.MAX_SPLITS = args.decode_max_splits
     engine = Engine(
         None,
         hf_config=llama7b_config(),
@@ -379,8 +412,10 @@ async def main() -> None:
         num_lora_slots=8,
         max_lora_rank=16,
         max_num_seqs=max(args.batches),
-        max_model_len=512,
-        kv_memory_bytes=2 << 30,
+        max_model_len=max(512, max(args.contexts) + 32),
+        kv_memory_bytes=max(
+            2 << 30, max(args.batches) * (max(args.contexts) + 32) * 2 * 32 * 4096 * 2
+        ),
         cuda_graph_batch_sizes=args.batches,
     )
     t = time.perf_counter()
@@ -394,7 +429,7 @@ async def main() -> None:
     for slot in range(8):
         engine.model.set_lora(slot, random_adapter(engine.model, gen))
     for part, fn in (
-        ("graphs", profile_graphs),
+        ("graphs", lambda e, b: [profile_graphs(e, b, c) for c in args.contexts]),
         ("host", profile_host),
         ("projections", profile_projections),
         ("prefill", lambda e, _b: profile_prefill(e)),

@@ -127,8 +127,9 @@ def test_paged_decode_kernel_bf16():
     lens = torch.tensor([1, 16, 17, 100, 128], device="cuda", dtype=torch.int32)
     q = torch.randn(5, 32, d, device="cuda", dtype=torch.bfloat16)
     ref = paged_decode_torch(q.float(), kc.float(), vc.float(), tables, lens, d**-0.5, bs)
-    out = paged_decode_triton(q, kc, vc, tables, lens, d**-0.5, bs)
-    assert rel_err(out, ref) < 1e-2
+    for splits in (None, 1, 2, 8):  # None: decode_splits (2: the 128-token table has 2 tiles)
+        out = paged_decode_triton(q, kc, vc, tables, lens, d**-0.5, bs, splits=splits)
+        assert rel_err(out, ref) < 1e-2, splits
 
 
 MIXED_PLANS = [

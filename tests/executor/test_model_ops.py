@@ -9,7 +9,12 @@ import torch
 from executor_svc.model.context import PrefillChunk, StepContext
 from executor_svc.model.layers.attention import PagedAttention
 from executor_svc.model.layers.lora_ops import add_lora_torch
-from executor_svc.model.layers.paged_attention import paged_decode_torch, paged_decode_triton
+from executor_svc.model.layers.paged_attention import (
+    MAX_SPLITS,
+    decode_splits,
+    paged_decode_torch,
+    paged_decode_triton,
+)
 from kernels import add_lora_ref, build_lora_meta
 
 
@@ -37,19 +42,32 @@ def test_torch_lora_path_equals_reference(k):
 
 
 @pytest.mark.parametrize(("hq", "hkv"), [(4, 2), (2, 2)])
-def test_paged_decode_triton_equals_torch(hq, hkv):
+@pytest.mark.parametrize("splits", [None, 1, 2, 4])
+def test_paged_decode_triton_equals_torch(hq, hkv, splits):
+    """Lengths of 1 (every split but the first empty), under, at and over a tile (tile 16:
+    4 blocks of 4 tokens), and a table whose blocks are out of order."""
     g = torch.Generator().manual_seed(hq)
-    bs, nblocks, d = 16, 12, 32
+    bs, nblocks, d = 4, 24, 32
     k_cache = torch.randn(nblocks * bs, hkv, d, generator=g)
     v_cache = torch.randn(nblocks * bs, hkv, d, generator=g)
-    lens = torch.tensor([1, 17, 70, 33], dtype=torch.int32)
-    tables = torch.tensor(
-        [[3, 0, 0, 0, 0], [5, 1, 0, 0, 0], [2, 4, 6, 7, 8], [9, 10, 11, 0, 0]], dtype=torch.int32
-    )
-    q = torch.randn(4, hq, d, generator=g)
+    lens = torch.tensor([1, 15, 16, 33, 36], dtype=torch.int32)
+    tables = torch.stack([torch.randperm(nblocks - 1, generator=g)[:9] + 1 for _ in lens])
+    tables = tables.to(torch.int32)
+    q = torch.randn(len(lens), hq, d, generator=g)
     ref = paged_decode_torch(q, k_cache, v_cache, tables, lens, d**-0.5, bs)
-    out = paged_decode_triton(q, k_cache, v_cache, tables, lens, d**-0.5, bs)
+    out = paged_decode_triton(
+        q, k_cache, v_cache, tables, lens, d**-0.5, bs, splits=splits, tile=16
+    )
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_splits_fill_the_gpu_within_the_context():
+    assert decode_splits(1, 32, 4096) == 8  # 32 programs x 8 = TARGET_PROGRAMS
+    assert decode_splits(1, 8, 4096) == MAX_SPLITS  # 8 programs: split as far as allowed
+    assert decode_splits(8, 32, 4096) == 1  # 256 programs already
+    assert decode_splits(1, 32, 128) == 2  # a 128-token table has 2 tiles of 64
+    assert decode_splits(1, 8, 16) == 1
+    assert decode_splits(3, 8, 4096) & (decode_splits(3, 8, 4096) - 1) == 0  # a power of two
 
 
 def test_fused_ops_equal_torch():
