@@ -10,7 +10,8 @@ Prints JSON lines, never asserts on time:
   ``beside_marginal_us``: the delta beside the GEMM, added by the consumer (as captured decode
   steps run it), over the consumer without adapters;
 - ``prefill``: one eager prefill step (16 prompts of 128 tokens: the engine benchmark's
-  2,048-token chunk budget), GPU time and host time to queue it, per case; ``prefill_calls``:
+  2,048-token chunk budget; and 16 prompts of 64-184 tokens), GPU time and host time to queue
+  it, per case, attention by SDPA calls or by the paged prefill kernel; ``prefill_calls``:
   the host cost of one eager add_lora call, and ``prefill_cprofile`` the functions that
   spend the host time of the 8-adapter step;
 - ``timeline``: a CUPTI trace of captured decode steps (torch.profiler over graph replays):
@@ -46,6 +47,7 @@ from executor_svc.engine import Engine  # noqa: E402
 from executor_svc.model.context import PrefillChunk, StepContext  # noqa: E402
 from executor_svc.model.layers import paged_attention  # noqa: E402
 from executor_svc.model.layers.fused_ops import silu_and_mul  # noqa: E402
+from executor_svc.model.layers.paged_prefill import build_prefill_meta  # noqa: E402
 from kernels import add_lora, build_lora_meta, overlapped  # noqa: E402
 from kernels._bench import graph_ms  # noqa: E402
 from kernels.lora_shrink_op import lora_shrink  # noqa: E402
@@ -299,53 +301,74 @@ def _profile_projections(engine: Engine, batches: list[int]) -> None:
                 )
 
 
-def prefill_ctx(engine: Engine, prompts: int, length: int, case: str) -> StepContext:
-    """A first-chunk prefill step of ``prompts`` prompts of ``length`` tokens (no history)."""
-    t = prompts * length
-    dev = engine.model.device
+def prefill_ctx(engine: Engine, lengths: list[int], case: str, paged: bool) -> StepContext:
+    """A first-chunk prefill step of prompts of ``lengths`` tokens (no history), each in blocks
+    of its own from block 1; ``paged``: attention by the paged prefill kernel, else by SDPA."""
+    dev, bs = engine.model.device, engine.runner.block_size
+    chunks, rows, start, block = [], [], 0, 1
+    for n in lengths:
+        table = list(range(block, block + -(-n // bs)))
+        block += len(table)
+        rows.append(table[0] * bs + torch.arange(n))
+        chunks.append((start, n, 0, table))
+        start += n
     ctx = StepContext(
-        positions=torch.arange(length, device=dev).repeat(prompts),
-        slot_mapping=engine.runner.block_size + torch.arange(t, device=dev),
-        prefills=[PrefillChunk(start=i * length, length=length) for i in range(prompts)],
-        block_size=engine.runner.block_size,
+        positions=torch.cat([torch.arange(n) for n in lengths]).to(dev),
+        slot_mapping=torch.cat(rows).to(dev),
+        prefills=[PrefillChunk(start=s, length=n) for s, n, _, _ in chunks],
+        block_size=bs,
+        prefill_meta=build_prefill_meta(chunks, dev) if paged else None,
     )
     if case != "no_adapter":
-        slots, weights = plans_for(case, prompts)
+        slots, weights = plans_for(case, len(lengths))
+        counts = np.array(lengths)
         ctx.lora = build_lora_meta(
-            torch.from_numpy(np.repeat(slots, length, axis=0)),
-            torch.from_numpy(np.repeat(weights, length, axis=0)),
+            torch.from_numpy(np.repeat(slots, counts, axis=0)),
+            torch.from_numpy(np.repeat(weights, counts, axis=0)),
             engine.model.num_slots,
             dev,
         )
     return ctx
 
 
+PREFILL_LAYOUTS = {
+    "16x128": [128] * 16,  # the engine benchmark's first step
+    "16_mixed": [64 + 8 * i for i in range(16)],  # 64-184 tokens, 1,984 in all
+}
+
+
 def profile_prefill(engine: Engine, prompts: int = 16, length: int = 128) -> None:
     model, kv = engine.model, engine.runner.kv_caches
+    for layout, lengths in PREFILL_LAYOUTS.items():
+        ids = torch.randint(3, 32000, (sum(lengths),), device="cuda")
+        for case in ("no_adapter", "one_adapter", "8_distinct"):
+            for paged in (False, True):
+                ctx = prefill_ctx(engine, lengths, case, paged)
+                gpu, host = [], []
+                for i in range(8):
+                    torch.cuda.synchronize()
+                    a = torch.cuda.Event(enable_timing=True)
+                    b = torch.cuda.Event(enable_timing=True)
+                    t = time.perf_counter()
+                    a.record()
+                    model(ids, ctx, kv)
+                    b.record()
+                    queued = time.perf_counter() - t
+                    b.synchronize()
+                    if i >= 2:
+                        gpu.append(a.elapsed_time(b))
+                        host.append(queued * 1e3)
+                emit(
+                    bench="prefill",
+                    layout=layout,
+                    tokens=sum(lengths),
+                    case=case,
+                    attention="paged_prefill" if paged else "sdpa",
+                    gpu_ms=round(statistics.median(gpu), 2),
+                    host_queue_ms=round(statistics.median(host), 2),
+                )
     ids = torch.randint(3, 32000, (prompts * length,), device="cuda")
-    for case in ("no_adapter", "one_adapter", "8_distinct"):
-        ctx = prefill_ctx(engine, prompts, length, case)
-        gpu, host = [], []
-        for i in range(8):
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t = time.perf_counter()
-            a.record()
-            model(ids, ctx, kv)
-            b.record()
-            queued = time.perf_counter() - t
-            b.synchronize()
-            if i >= 2:
-                gpu.append(a.elapsed_time(b))
-                host.append(queued * 1e3)
-        emit(
-            bench="prefill",
-            tokens=prompts * length,
-            case=case,
-            gpu_ms=round(statistics.median(gpu), 2),
-            host_queue_ms=round(statistics.median(host), 2),
-        )
-    ctx = prefill_ctx(engine, prompts, length, "8_distinct")
+    ctx = prefill_ctx(engine, [length] * prompts, "8_distinct", engine.runner.paged_prefill)
     layer = model.layers[0]
     x = torch.randn(prompts * length, 4096, device="cuda", dtype=torch.bfloat16)
     v = layer.qkv_proj.slots

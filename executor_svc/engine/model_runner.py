@@ -9,8 +9,8 @@ adapter over 64 requests launched as many programs as 64 distinct adapters; the 
 0.1-0.7 ms of GPU time off a 7B decode step on the H100, docs/benchmarks.md). Inputs are
 copied into static buffers (the LoRA metadata in two copies from pinned memory); padding rows
 write to the scratch KV block 0 and carry no adapter, so nothing is allocated on the device
-per step. Steps with prefill chunks run eagerly (attention in one call per run of fresh
-prompts of one length, StepContext.prefill_runs; one call per chunk with history).
+per step. Steps with prefill chunks run eagerly; on CUDA their attention is one kernel a layer
+for every chunk, whatever its length and history (executor_svc.model.layers.paged_prefill).
 
 Before each step the merge controller (executor_svc.engine.merging, dLoRA's merged mode) may
 fold one adapter into the base weights or take it out, and rewrites the step's plans to match:
@@ -31,6 +31,7 @@ from executor_svc.engine.merging import MergeController, MergePolicy, Plan
 from executor_svc.engine.sampler import sample
 from executor_svc.engine.scheduler import ScheduledBatch
 from executor_svc.model.context import PrefillChunk, StepContext
+from executor_svc.model.layers.paged_prefill import build_prefill_meta
 from executor_svc.model.llama import CausalLM
 from kernels import LoraBatchMeta, build_lora_meta, overlapped
 from kernels._launch import compile_only
@@ -98,6 +99,10 @@ class ModelRunner:
         merge_policy: MergePolicy | None = None,
     ):
         self.model, self.device, self.block_size = model, model.device, block_size
+        # Prefill attention on CUDA: one kernel a layer for every chunk of the step, reading the
+        # paged cache (paged_prefill); False: SDPA per run of equal prompts and per chunk with
+        # history, over gathered rows (the CPU path; kept on CUDA for benchmark comparisons).
+        self.paged_prefill = self.device.type == "cuda"
         self.merging = MergeController(model, merge_policy)
         c = model.config
         self.eos_ids = c.eos_token_ids
@@ -182,7 +187,7 @@ class ModelRunner:
 
     def _prepare(self, entries, num_decode: int, tables: list[list[int]], plans: list[Plan]):
         bs = self.block_size
-        ids, pos, rows, logits_idx, prefills = [], [], [], [], []
+        ids, pos, rows, logits_idx, prefills, paged = [], [], [], [], [], []
         start = 0
         for (seq, n), block_table in zip(entries, tables, strict=True):
             p = np.arange(seq.num_computed, seq.num_computed + n)
@@ -192,7 +197,9 @@ class ModelRunner:
             rows.append(table[p // bs] * bs + p % bs)
             if n > 1:
                 chunk = PrefillChunk(start=start, length=n)
-                if seq.num_computed > 0:
+                if self.paged_prefill:
+                    paged.append((start, n, seq.num_computed, block_table))
+                elif seq.num_computed > 0:
                     ctx_pos = np.arange(seq.num_computed + n)
                     chunk.kv_rows = self._t(table[ctx_pos // bs] * bs + ctx_pos % bs)
                     chunk.mask = self._t(ctx_pos[None, :] <= p[:, None])
@@ -207,6 +214,14 @@ class ModelRunner:
             prefills=prefills,
             block_size=bs,
         )
+        # One run of equal fresh prompts (a single prompt, or a batch of one length) is one
+        # SDPA call, whose kernels beat ours there (on the H100, a layer's 1 x 2,048 tokens 87
+        # against 191 us, 16 x 128 tokens 33 against 37); anything else is one paged kernel
+        # instead of an SDPA call per prompt (16 prompts of 64-184 tokens: 97 against 889 us a
+        # layer, docs/benchmarks.md, tenth pass).
+        one_run = all(h == 0 and n == paged[0][1] for _, n, h, _ in paged)
+        if paged and not one_run:
+            ctx.prefill_meta = build_prefill_meta(paged, self.device)
         if num_decode:
             dec = [s for s, _ in entries[:num_decode]]
             width = max(len(t) for t in tables[:num_decode])

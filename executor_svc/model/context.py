@@ -14,7 +14,9 @@ Running example (block_size 4, flat KV row = block * 4 + offset)::
 
 A prefill chunk that continues an earlier chunk (chunked prefill) has ``kv_rows``: the flat
 KV rows of its whole context (history + chunk), and ``mask`` [length, context] (causal with
-the chunk's offset).
+the chunk's offset). Those serve the SDPA path; on CUDA the engine instead builds
+``prefill_meta`` (executor_svc.model.layers.paged_prefill): the chunks' query tiles and block
+tables, with which one kernel a layer does every chunk's attention through the paged cache.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from executor_svc.model.layers.paged_prefill import PrefillMeta
 from kernels import LoraBatchMeta
 
 
@@ -55,6 +58,7 @@ class StepContext:
     prefills: list[PrefillChunk] = field(default_factory=list)
     lora: LoraBatchMeta | None = None
     block_size: int = 16
+    prefill_meta: PrefillMeta | None = None  # set: every prefill chunk in one kernel a layer
     _runs: list[PrefillRun] | None = None  # prefill_runs(), worked out once per step
 
     def prefill_runs(self) -> list[PrefillRun]:

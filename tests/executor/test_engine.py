@@ -94,7 +94,10 @@ async def test_mixed_batch_equals_alone(family, tiny_model_factory, tmp_path):
         assert engine.stats().requests_completed == 24
 
 
-async def test_preemption_and_chunked_prefill_keep_outputs(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("paged_prefill", [False, True])
+async def test_preemption_and_chunked_prefill_keep_outputs(tiny_model_dir, tmp_path, paged_prefill):
+    """paged_prefill: the CUDA path's prefill attention (one Triton kernel for every chunk,
+    here interpreted on the CPU) instead of SDPA calls over gathered rows."""
     async with running_engine(tiny_model_dir, num_lora_slots=4, max_lora_rank=8) as ref:
         await load_adapters(ref, tiny_model_dir, tmp_path)
         expected = [(await collect(ref, req(i, max_tokens=40)))[0] for i in range(6)]
@@ -110,11 +113,21 @@ async def test_preemption_and_chunked_prefill_keep_outputs(tiny_model_dir, tmp_p
         max_num_batched_tokens=5,
     )
     await engine.start()
+    engine.runner.paged_prefill = paged_prefill
+    prepare, paged_steps = engine.runner._prepare, []
+
+    def counting_prepare(*args):
+        ids, ctx, logits_idx = prepare(*args)
+        paged_steps.append(ctx.prefill_meta is not None)
+        return ids, ctx, logits_idx
+
+    engine.runner._prepare = counting_prepare
     try:
         await load_adapters(engine, tiny_model_dir, tmp_path)
         got = await asyncio.gather(*(collect(engine, req(i, max_tokens=40)) for i in range(6)))
         assert [g[0] for g in got] == expected
         assert engine.scheduler.num_preemptions > 0
+        assert any(paged_steps) == paged_prefill
         assert_idle(engine)
     finally:
         await engine.stop()

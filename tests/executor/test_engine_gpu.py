@@ -212,3 +212,40 @@ def test_graph_decode_mixed_batch(setup):
             assert float(gap.max()) < 0.05 * float(lg.std()), (plans[i], i, gap)
     # merged during round 2 (and merged again after its eager check), unmerged in round 3
     assert states == [None, 1, None]
+
+
+def test_paged_prefill_kernel_bf16():
+    """Every chunk of a step in one launch, on the GPU in bf16: fresh prompts of several
+    lengths and chunks with histories, against the same attention in fp32 by SDPA per chunk."""
+    import torch.nn.functional as F
+
+    from executor_svc.model.layers.paged_prefill import build_prefill_meta, paged_prefill_triton
+
+    g = torch.Generator().manual_seed(0)
+    bs, d, hq, hkv = 16, 128, 32, 8
+    lens_hist = [(1, 0), (70, 0), (128, 0), (200, 0), (64, 100), (33, 257)]
+    nblocks = 1 + sum(-(-(n + h) // bs) for n, h in lens_hist)
+    kc = torch.randn(nblocks * bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    free = (torch.randperm(nblocks - 1, generator=g) + 1).tolist()
+    t = sum(n for n, _ in lens_hist)
+    q = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
+    chunks, start = [], 0
+    for n, h in lens_hist:
+        chunks.append((start, n, h, [free.pop() for _ in range(-(-(n + h) // bs))]))
+        start += n
+    out = torch.zeros_like(q)
+    paged_prefill_triton(q, kc, vc, build_prefill_meta(chunks, "cuda"), d**-0.5, bs, out)
+    for start, n, h, table in chunks:
+        pos = torch.arange(n + h, device="cuda")
+        rows = torch.tensor(table, device="cuda")[pos // bs] * bs + pos % bs
+        mask = pos[None, :] <= (torch.arange(n, device="cuda") + h)[:, None]
+        want = F.scaled_dot_product_attention(
+            q[start : start + n].float().transpose(0, 1),
+            kc[rows].float().transpose(0, 1),
+            vc[rows].float().transpose(0, 1),
+            attn_mask=mask,
+            scale=d**-0.5,
+            enable_gqa=True,
+        ).transpose(0, 1)
+        assert rel_err(out[start : start + n], want) < 1e-2, (n, h)

@@ -15,6 +15,7 @@ from executor_svc.model.layers.paged_attention import (
     paged_decode_torch,
     paged_decode_triton,
 )
+from executor_svc.model.layers.paged_prefill import build_prefill_meta, paged_prefill_triton
 from kernels import add_lora_ref, build_lora_meta
 
 
@@ -175,3 +176,98 @@ def test_batched_prefill_attention_equals_one_call_per_prompt():
             attn_mask=m, is_causal=causal, scale=d**-0.5, enable_gqa=True,
         )[0].transpose(0, 1)  # fmt: skip
         torch.testing.assert_close(out[sl], want, atol=1e-5, rtol=1e-5)
+
+
+def _paged_step(g, lens_hist, hq, hkv, d, bs, nd=2):
+    """A step of ``nd`` decode tokens then prefill chunks (length, history) of sequences whose
+    blocks are scattered over the cache; the chunks' own K/V written to their rows. Returns
+    (q, k_cache, v_cache, chunks as build_prefill_meta takes them, per chunk its KV rows)."""
+    nblocks = 1 + sum(-(-(n + h) // bs) for n, h in lens_hist) + 3
+    k_cache = torch.randn(nblocks * bs, hkv, d, generator=g)
+    v_cache = torch.randn(nblocks * bs, hkv, d, generator=g)
+    free = (torch.randperm(nblocks - 1, generator=g) + 1).tolist()
+    t = nd + sum(n for n, _ in lens_hist)
+    q = torch.randn(t, hq, d, generator=g)
+    chunks, kv_rows, start = [], [], nd
+    for n, h in lens_hist:
+        table = [free.pop() for _ in range(-(-(n + h) // bs))]
+        pos = torch.arange(n + h)
+        rows = torch.tensor(table)[pos // bs] * bs + pos % bs
+        chunks.append((start, n, h, table))
+        kv_rows.append(rows)
+        start += n
+    return q, k_cache, v_cache, chunks, kv_rows
+
+
+def _prefill_reference(q, k_cache, v_cache, chunks, kv_rows, scale):
+    """The module docstring's semantics, one query token at a time."""
+    out = {}
+    group = q.shape[1] // k_cache.shape[1]
+    for (start, n, h, _), rows in zip(chunks, kv_rows, strict=True):
+        for i in range(n):
+            ks = k_cache[rows[: h + i + 1]].repeat_interleave(group, dim=1)  # [L, Hq, D]
+            vs = v_cache[rows[: h + i + 1]].repeat_interleave(group, dim=1)
+            w = torch.softmax(scale * torch.einsum("hd,lhd->hl", q[start + i], ks), -1)
+            out[start + i] = torch.einsum("hl,lhd->hd", w, vs)
+    return out
+
+
+@pytest.mark.parametrize(("hq", "hkv"), [(4, 2), (2, 2)])
+def test_paged_prefill_triton_equals_reference(hq, hkv):
+    """Fresh prompts shorter than, equal to and longer than a query tile (16), chunks with
+    histories inside and across blocks and longer than the chunk; decode rows untouched."""
+    g = torch.Generator().manual_seed(hq)
+    d, bs = 16, 4
+    lens_hist = [(5, 0), (16, 0), (37, 0), (2, 3), (20, 9), (7, 40)]
+    q, kc, vc, chunks, kv_rows = _paged_step(g, lens_hist, hq, hkv, d, bs)
+    meta = build_prefill_meta(chunks, "cpu", block_m=16)
+    assert meta.tiles.shape[0] == 1 + 1 + 3 + 1 + 2 + 1
+    out = torch.full_like(q, 7.0)
+    paged_prefill_triton(q, kc, vc, meta, d**-0.5, bs, out, block_n=16)
+    ref = _prefill_reference(q, kc, vc, chunks, kv_rows, d**-0.5)
+    for tok, want in ref.items():
+        torch.testing.assert_close(out[tok], want, atol=1e-4, rtol=1e-4, msg=f"token {tok}")
+    assert (out[:2] == 7.0).all()  # the decode rows are not the kernel's
+
+
+def test_attention_layer_takes_the_paged_prefill_path():
+    """PagedAttention with prefill_meta (the CUDA path, here interpreted) equals the SDPA
+    path with gathered rows and masks (the CPU path), in one step with decodes."""
+    g = torch.Generator().manual_seed(5)
+    hq, hkv, d, bs, nd = 4, 2, 16, 4, 2
+    lens_hist = [(6, 0), (6, 0), (3, 0), (5, 7)]
+    q, kc, vc, chunks, kv_rows = _paged_step(g, lens_hist, hq, hkv, d, bs, nd)
+    t = q.shape[0]
+    k, v = torch.randn(t, hkv, d, generator=g), torch.randn(t, hkv, d, generator=g)
+    # decode rows: blocks 1 and 2 hold their 3 and 5 tokens; new tokens in the chunk rows
+    dec_rows = torch.tensor([1 * bs + 2, 3 * bs + 0])
+    news = [r[h:] for (_, _, h, _), r in zip(chunks, kv_rows, strict=True)]
+    slot_mapping = torch.cat([dec_rows, *news])
+    prefills = []
+    for (start, n, h, _), rows in zip(chunks, kv_rows, strict=True):
+        c = PrefillChunk(start=start, length=n)
+        if h:
+            c.kv_rows = rows
+            c.mask = torch.arange(n + h)[None, :] <= (torch.arange(n) + h)[:, None]
+        prefills.append(c)
+    base = dict(
+        positions=torch.zeros(t, dtype=torch.long),
+        slot_mapping=slot_mapping,
+        num_decode=nd,
+        block_tables=torch.tensor([[1, 0], [2, 3]], dtype=torch.int32),
+        context_lens=torch.tensor([3, 5], dtype=torch.int32),
+        prefills=prefills,
+        block_size=bs,
+    )
+    attn = PagedAttention(hq, hkv, d)
+    sdpa = attn(q, k, v, (kc.clone(), vc.clone()), StepContext(**base))
+    paged_ctx = StepContext(**base, prefill_meta=build_prefill_meta(chunks, "cpu"))
+    paged = attn(q, k, v, (kc.clone(), vc.clone()), paged_ctx)
+    torch.testing.assert_close(paged, sdpa, atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_meta_rejects_empty_chunks():
+    with pytest.raises(ValueError, match="length 0"):
+        build_prefill_meta([(0, 0, 0, [1])], "cpu")
+    with pytest.raises(ValueError, match="no prefill chunks"):
+        build_prefill_meta([], "cpu")

@@ -8,6 +8,7 @@ from torch import nn
 
 from executor_svc.model.context import StepContext
 from executor_svc.model.layers.paged_attention import paged_decode
+from executor_svc.model.layers.paged_prefill import paged_prefill_triton
 
 
 class PagedAttention(nn.Module):
@@ -43,6 +44,10 @@ class PagedAttention(nn.Module):
                 ctx.context_lens,
                 self.scale,
                 ctx.block_size,
+            )
+        if ctx.prefill_meta is not None:  # every chunk, any lengths and histories: one launch
+            return paged_prefill_triton(
+                q, k_cache, v_cache, ctx.prefill_meta, self.scale, ctx.block_size, out
             )
         # One call per run of equal fresh prompts (a batch), not one per prompt: a step of 16
         # prompts made 16 calls a layer, ~25 ms of host time for a 2,048-token step.
