@@ -4,7 +4,8 @@
 
 Every row samples (temperature 0.7, top-k 50, top-p 0.9), without seeds and with one seed
 per row. Prints one JSON line per case: the ATen ops the step's sampling issues (on CUDA each
-is at least one kernel launch, ~5-10 us of host time) and the median wall time of the call,
+is at least one kernel launch, ~5-10 us of host time; the seeded rows' Triton draw is one
+launch more, not an ATen op) and the median wall time of the call,
 on CUDA when present (the call ends in a host sync: it includes the GPU's time). Never
 asserts on time.
 """
@@ -23,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from executor_svc.engine.sampler import make_generator, sample  # noqa: E402
+from executor_svc.engine.sampler import sample  # noqa: E402
 from executor_svc.engine.sequence import Sequence  # noqa: E402
 from executor_svc.engine.types import SamplingOptions  # noqa: E402
 
@@ -42,8 +43,7 @@ def main() -> None:
                 opts = SamplingOptions(
                     temperature=0.7, top_k=50, top_p=0.9, seed=i if seeded else None
                 )
-                gen = make_generator(i, dev) if seeded else None
-                seqs.append(Sequence(f"r{i}", [1], 1, opts, [], 100, generator=gen))
+                seqs.append(Sequence(f"r{i}", [1], 1, opts, [], 100))
             sample(logits.clone(), seqs, [2])  # warm-up
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 sample(logits.clone(), seqs, [2])

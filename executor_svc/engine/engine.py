@@ -36,7 +36,6 @@ from executor_svc.engine.block_manager import BlockManager
 from executor_svc.engine.detokenizer import IncrementalDetokenizer
 from executor_svc.engine.merging import MergePolicy
 from executor_svc.engine.model_runner import ModelRunner, kv_bytes_per_block
-from executor_svc.engine.sampler import make_generator
 from executor_svc.engine.scheduler import Scheduler
 from executor_svc.engine.sequence import SeqStatus, Sequence
 from executor_svc.engine.types import EngineRequest, EngineStats, TokenEvent
@@ -275,8 +274,6 @@ class Engine:
         sp = request.sampling
         if sp.max_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
             raise ValueError("invalid sampling options")
-        seeded = sp.temperature > 0 and sp.seed is not None
-        gen = make_generator(sp.seed, self.device) if seeded else None
         return Sequence(
             request_id=request.request_id,
             token_ids=ids,
@@ -284,7 +281,6 @@ class Engine:
             sampling=sp,
             adapters=[(int(s), float(w)) for s, w in request.adapters],
             max_tokens=min(sp.max_tokens, self.max_model_len - len(ids)),
-            generator=gen,
         )
 
     # -- the step loop (worker thread) -------------------------------------------------------

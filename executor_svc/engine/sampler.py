@@ -12,24 +12,89 @@ Semantics, per sampling row i (one per sequence that samples this step):
 
 The sampled rows are filtered together (one sort of the step's sampled rows, per-row k and
 p as tensors) and drawn by the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks
-token j with probability p_j, like a multinomial draw. A seeded request draws its E from its
-own ``torch.Generator`` (one small launch per seeded row), so it gets the same tokens alone or
-in any batch; the other rows share one draw from the device's default generator. The
-previous per-row loop (topk, sort, softmax, multinomial per row) issued ~18 ATen ops a sampled
-row (1,156 for 64 rows; bench/sampler_bench.py), each a launch on CUDA: at 64 sampled
-requests, more host time a decode step than the GPU's.
+token j with probability p_j, like a multinomial draw. The unseeded rows share one draw from
+the device's default generator. A seeded request's E for its n-th completion token comes from
+a generator keyed by (seed, n) (on CUDA Philox in ``_seeded_exponential_kernel``, one launch
+for every seeded row of the step), so it gets the same tokens alone or in any batch, after a
+preemption too. With a ``torch.Generator`` per seeded request, each seeded row was a launch of
+its own: 64 seeded rows took 2.2 ms a step on the H100 against 0.8 ms unseeded
+(docs/benchmarks.md, tenth pass). The previous per-row loop (topk, sort, softmax, multinomial
+per row) issued ~18 ATen ops a sampled row (1,156 for 64 rows; bench/sampler_bench.py), each a
+launch on CUDA: at 64 sampled requests, more host time a decode step than the GPU's.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from executor_svc.engine.sequence import Sequence
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from executor_svc.engine.sequence import Sequence  # noqa: E402
+from kernels._launch import Launcher  # noqa: E402
+
+_DRAW_BLOCK = 1024
 
 
-def make_generator(seed: int, device: torch.device) -> torch.Generator:
-    """A seeded request's own generator (its draws do not depend on the batch)."""
-    return torch.Generator(device=device).manual_seed(seed)
+@triton.jit
+def _seeded_exponential_kernel(out, keys, rows, stride, vocab, BLOCK: tl.constexpr):
+    """out[rows[i], j] = -log(1 - u), u = Philox uniform of key keys[i] and counter j."""
+    i = tl.program_id(0)
+    key = tl.load(keys + i)
+    row = tl.load(rows + i).to(tl.int64)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        u = tl.rand(key, cols)
+        tl.store(out + row * stride + cols, -tl.log(1.0 - u), mask=cols < vocab)
+
+
+_launch_seeded_exponential = Launcher(_seeded_exponential_kernel)
+
+
+def _mix32(x: int) -> int:
+    """splitmix64's finaliser, low 32 bits: nearby inputs give unrelated outputs."""
+    z = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0xFFFFFFFF
+
+
+def draw_key(seed: int, draw: int) -> int:
+    """Philox key of a seeded request's ``draw``-th token: the seed mixed down to 32 bits in
+    the low half (seeds near each other do not share a key), the draw's index in the high half
+    (int64, non-negative)."""
+    return ((draw & 0x7FFFFFFF) << 32) | _mix32(seed)
+
+
+def seeded_exponential(race: torch.Tensor, rows: list[int], keys: list[int]) -> None:
+    """Fill ``race[rows[i]]`` (a [S, V] float32 tensor) with Exp(1) draws keyed by ``keys[i]``;
+    the other rows are left as they are. On CUDA one launch (Philox in the kernel); on the CPU,
+    which has no launches to save, a ``torch.Generator`` per row seeded with its key (other
+    numbers than the GPU's, the same independence of the batch)."""
+    if not rows:
+        return
+    if not race.is_cuda:
+        for row, key in zip(rows, keys, strict=True):
+            # the CPU generator (mt19937) keeps 32 bits of its seed: the key's both halves
+            race[row].exponential_(generator=torch.Generator().manual_seed(_mix32(key)))
+        return
+    seeded_exponential_triton(race, rows, keys)
+
+
+def seeded_exponential_triton(race: torch.Tensor, rows: list[int], keys: list[int]) -> None:
+    """``seeded_exponential``'s kernel path (the tests also run it interpreted on the CPU)."""
+    meta = torch.tensor([keys, rows], dtype=torch.int64).to(race.device, non_blocking=True)
+    _launch_seeded_exponential(
+        (len(rows),),
+        (race, meta[0], meta[1], race.stride(0), race.shape[1]),
+        {"BLOCK": _DRAW_BLOCK},
+        {"num_warps": 4},
+    )
 
 
 def filter_logits(
@@ -82,11 +147,11 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> li
     )
     probs = x.softmax(-1)
     race = torch.empty_like(probs)
-    seeded = [(j, seqs[i].generator) for j, i in enumerate(drawn) if seqs[i].generator is not None]
+    seeded = [j for j, o in enumerate(opts) if o.seed is not None]
     if len(seeded) < len(drawn):
         race.exponential_()
-    for j, gen in seeded:
-        race[j].exponential_(generator=gen)
+    keys = [draw_key(opts[j].seed, seqs[drawn[j]].num_completion_tokens) for j in seeded]
+    seeded_exponential(race, seeded, keys)
     picked = (probs / race.clamp_min(1e-20)).argmax(-1)
     if everyone:
         return picked.tolist()

@@ -6,8 +6,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from executor_svc.engine.types import SamplingOptions
 
 
@@ -31,7 +29,6 @@ class Sequence:
     sampling: SamplingOptions
     adapters: list[tuple[int, float]]
     max_tokens: int  # sampling.max_tokens capped by max_model_len
-    generator: torch.Generator | None = None
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING

@@ -249,3 +249,25 @@ def test_paged_prefill_kernel_bf16():
             enable_gqa=True,
         ).transpose(0, 1)
         assert rel_err(out[start : start + n], want) < 1e-2, (n, h)
+
+
+def test_seeded_rows_one_launch_on_the_gpu():
+    """The seeded rows' Philox kernel on the GPU: Exp(1) draws, fixed by the key, and a seeded
+    request's token the same alone and in a batch of other seeded and unseeded rows."""
+    from executor_svc.engine.sampler import sample, seeded_exponential
+    from executor_svc.engine.sequence import Sequence
+    from executor_svc.engine.types import SamplingOptions
+
+    race = torch.full((6, 32000), -1.0, device="cuda")
+    seeded_exponential(race, [0, 1, 2, 4], [5, 6, 7, 5])
+    drawn = race[[0, 1, 2]]
+    assert abs(drawn.mean().item() - 1) < 0.02 and abs(drawn.var().item() - 1) < 0.05
+    assert torch.equal(race[0], race[4]) and (race[[3, 5]] == -1).all()
+
+    def seq(seed, temperature=1.0):
+        return Sequence("r", [1], 1, SamplingOptions(temperature=temperature, seed=seed), [], 9)
+
+    logits = torch.randn(4, 32000, device="cuda")
+    alone = sample(logits[1:2].clone(), [seq(3)], [])[0]
+    batch = sample(logits.clone(), [seq(None), seq(3), seq(8), seq(None, 0.0)], [])
+    assert batch[1] == alone

@@ -1,12 +1,18 @@
 """The batched sampler: its filters against a per-row reading of the semantics, the draw's
-distribution, seeded rows independent of the batch, greedy and min_tokens rows."""
+distribution (unseeded and seeded), seeded rows independent of the batch, greedy and
+min_tokens rows."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from executor_svc.engine.sampler import filter_logits, make_generator, sample
+from executor_svc.engine.sampler import (
+    draw_key,
+    filter_logits,
+    sample,
+    seeded_exponential_triton,
+)
 from executor_svc.engine.sequence import Sequence
 from executor_svc.engine.types import SamplingOptions
 
@@ -48,19 +54,20 @@ def test_filters_equal_the_per_row_semantics():
 def _seq(temperature=0.0, top_k=0, top_p=1.0, seed=None, min_tokens=0, done=0) -> Sequence:
     opts = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                            min_tokens=min_tokens)  # fmt: skip
-    gen = make_generator(seed, torch.device("cpu")) if seed is not None else None
-    seq = Sequence("r", [1, 2], 2, opts, [], max_tokens=100, generator=gen)
+    seq = Sequence("r", [1, 2], 2, opts, [], max_tokens=100)
     seq.token_ids += [5] * done
     return seq
 
 
-def test_draws_follow_the_filtered_distribution():
+@pytest.mark.parametrize("seeded", [False, True])
+def test_draws_follow_the_filtered_distribution(seeded):
     """20,000 rows of one distribution (temperature 0.5, top-p 0.95): token frequencies within
-    4 standard errors of the softmax of the filtered logits; filtered tokens never drawn."""
+    4 standard errors of the softmax of the filtered logits; filtered tokens never drawn.
+    Seeded: every row its own seed (the Philox draws of the seeded rows' kernel)."""
     torch.manual_seed(1)
     base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -4.0])
     n = 20_000
-    seqs = [_seq(temperature=0.5, top_p=0.95) for _ in range(n)]
+    seqs = [_seq(temperature=0.5, top_p=0.95, seed=i if seeded else None) for i in range(n)]
     tokens = torch.tensor(sample(base.repeat(n, 1), seqs, eos_ids=[]))
     p = filter_logits(base[None] / 0.5, None, torch.tensor([0.95]))[0].softmax(-1)
     freq = torch.bincount(tokens, minlength=6).double() / n
@@ -77,7 +84,34 @@ def test_seeded_rows_draw_the_same_alone_and_in_any_batch():
     assert sample(logits.clone(), batch, eos_ids=[])[2] == alone
     again = [_seq(temperature=1.0, seed=7) for _ in range(5)]
     draws = sample(logits[2:3].repeat(5, 1), again, eos_ids=[])
-    assert draws == [alone] * 5  # five generators of one seed: five equal draws
+    assert draws == [alone] * 5  # five requests of one seed at one token: five equal draws
+
+
+def test_seeded_draws_are_keyed_by_seed_and_token_index():
+    """A request's n-th token is drawn from (seed, n) alone: another index or seed draws
+    otherwise (flat logits: each row a uniform pick of 1,000 tokens)."""
+    flat = torch.zeros(1, 1000)
+    first = [sample(flat.clone(), [_seq(temperature=1.0, seed=s)], [])[0] for s in range(8)]
+    later = [sample(flat.clone(), [_seq(temperature=1.0, seed=s, done=3)], [])[0] for s in range(8)]
+    again = [sample(flat.clone(), [_seq(temperature=1.0, seed=s, done=3)], [])[0] for s in range(8)]
+    assert later == again
+    assert first != later and len(set(first)) > 4
+    keys = {draw_key(seed, n) for seed in (0, 1, 2**32, -1, 2**40 + 5) for n in (0, 1, 2**31 - 1)}
+    assert len(keys) == 15 and all(0 <= k < 2**63 for k in keys)
+
+
+def test_seeded_exponential_kernel_draws_exp1_by_key():
+    """The CUDA path's Philox kernel (interpreted here): Exp(1) draws (mean and variance 1
+    within ~8 standard errors over 160,000), a row's draws fixed by its key alone, the rows
+    it is not given left untouched."""
+    race = torch.full((10, 20_000), -1.0)
+    seeded_exponential_triton(race, [0, 2, 3, 4, 5, 6, 7, 9], [11, 12, 13, 14, 15, 16, 17, 11])
+    drawn = race[[0, 2, 3, 4, 5, 6, 7]]
+    assert (drawn >= 0).all() and torch.isfinite(drawn).all()
+    assert abs(drawn.mean().item() - 1) < 0.02 and abs(drawn.var().item() - 1) < 0.05
+    assert torch.equal(race[0], race[9])  # one key, one draw, in any row
+    assert not torch.equal(race[2], race[3])
+    assert (race[[1, 8]] == -1).all()
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
