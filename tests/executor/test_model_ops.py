@@ -42,13 +42,14 @@ def test_torch_lora_path_equals_reference(k):
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("hq", "hkv"), [(4, 2), (2, 2)])
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 2, 32), (2, 2, 32), (4, 2, 24)])
 @pytest.mark.parametrize("splits", [None, 1, 2, 4])
-def test_paged_decode_triton_equals_torch(hq, hkv, splits):
+def test_paged_decode_triton_equals_torch(hq, hkv, d, splits):
     """Lengths of 1 (every split but the first empty), under, at and over a tile (tile 16:
-    4 blocks of 4 tokens), and a table whose blocks are out of order."""
+    4 blocks of 4 tokens), and a table whose blocks are out of order; a head_dim that is not
+    a power of two (24: padded to 32 in the kernel)."""
     g = torch.Generator().manual_seed(hq)
-    bs, nblocks, d = 4, 24, 32
+    bs, nblocks = 4, 24
     k_cache = torch.randn(nblocks * bs, hkv, d, generator=g)
     v_cache = torch.randn(nblocks * bs, hkv, d, generator=g)
     lens = torch.tensor([1, 15, 16, 33, 36], dtype=torch.int32)
@@ -212,12 +213,13 @@ def _prefill_reference(q, k_cache, v_cache, chunks, kv_rows, scale):
     return out
 
 
-@pytest.mark.parametrize(("hq", "hkv"), [(4, 2), (2, 2)])
-def test_paged_prefill_triton_equals_reference(hq, hkv):
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 2, 16), (2, 2, 16), (4, 2, 40)])
+def test_paged_prefill_triton_equals_reference(hq, hkv, d):
     """Fresh prompts shorter than, equal to and longer than a query tile (16), chunks with
-    histories inside and across blocks and longer than the chunk; decode rows untouched."""
+    histories inside and across blocks and longer than the chunk; decode rows untouched; a
+    head_dim that is not a power of two (40)."""
     g = torch.Generator().manual_seed(hq)
-    d, bs = 16, 4
+    bs = 4
     lens_hist = [(5, 0), (16, 0), (37, 0), (2, 3), (20, 9), (7, 40)]
     q, kc, vc, chunks, kv_rows = _paged_step(g, lens_hist, hq, hkv, d, bs)
     meta = build_prefill_meta(chunks, "cpu", block_m=16)

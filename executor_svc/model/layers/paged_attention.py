@@ -81,6 +81,7 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     D: tl.constexpr,
+    DP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,
     SPLITS: tl.constexpr,
@@ -95,17 +96,18 @@ def _paged_decode_kernel(
     first = split * per_split
     last = tl.minimum(first + per_split, ctx)
     g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, D)
+    d = tl.arange(0, DP)  # head_dim padded to a power of two; dmask keeps the real columns
+    dmask = d < D
     gmask = g < GROUP
     heads = kvh * GROUP + g
     q = tl.load(
         Q + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
-        mask=gmask[:, None],
+        mask=gmask[:, None] & dmask[None, :],
         other=0.0,
     )
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    acc = tl.zeros([GROUP_PAD, DP], tl.float32)
     offs = tl.arange(0, TILE)
     for start in range(first, last, TILE):
         pos = start + offs
@@ -113,8 +115,8 @@ def _paged_decode_kernel(
         blk = tl.load(block_tables + seq * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
         rows = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         kv_off = rows[:, None] * stride_kt + kvh * stride_kh + d[None, :]
-        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
+        k = tl.load(K + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(V + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -127,13 +129,15 @@ def _paged_decode_kernel(
         tl.store(
             Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
             (acc / l_i[:, None]).to(Out.dtype.element_ty),
-            mask=gmask[:, None],
+            mask=gmask[:, None] & dmask[None, :],
         )
     else:  # partials at [(seq * num_heads + head) * SPLITS + split]; an empty split: -inf, 0, 0
         part = (seq * tl.num_programs(1) * GROUP + heads) * SPLITS + split
         tl.store(PartMax + part, m_i, mask=gmask)
         tl.store(PartSum + part, l_i, mask=gmask)
-        tl.store(PartOut + part[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+        tl.store(
+            PartOut + part[:, None] * D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :]
+        )
 
 
 @triton.jit
@@ -145,6 +149,7 @@ def _combine_kernel(
     stride_ot,
     stride_oh,
     D: tl.constexpr,
+    DP: tl.constexpr,
     SPLITS: tl.constexpr,
 ):
     """out[b, h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M = max_s m_s (split 0
@@ -152,12 +157,15 @@ def _combine_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     part = (seq * tl.num_programs(1) + head) * SPLITS + tl.arange(0, SPLITS)
-    d = tl.arange(0, D)
+    d = tl.arange(0, DP)
+    dmask = d < D
     m = tl.load(PartMax + part)
     w = tl.exp(m - tl.max(m, 0))
     total = tl.sum(tl.load(PartSum + part) * w, 0)
-    acc = tl.sum(tl.load(PartOut + part[:, None] * D + d[None, :]) * w[:, None], 0)
-    tl.store(Out + seq * stride_ot + head * stride_oh + d, (acc / total).to(Out.dtype.element_ty))
+    parts = tl.load(PartOut + part[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0)
+    acc = tl.sum(parts * w[:, None], 0)
+    out = (acc / total).to(Out.dtype.element_ty)
+    tl.store(Out + seq * stride_ot + head * stride_oh + d, out, mask=dmask)
 
 
 _launch_paged_decode = Launcher(_paged_decode_kernel)
@@ -219,6 +227,7 @@ def paged_decode_triton(
             "GROUP": group,
             "GROUP_PAD": max(16, triton.next_power_of_2(group)),
             "D": d,
+            "DP": max(16, triton.next_power_of_2(d)),
             "BLOCK_SIZE": block_size,
             "TILE": tile,
             "SPLITS": splits,
@@ -229,7 +238,7 @@ def paged_decode_triton(
         _launch_combine(
             (b, hq),
             (part_max, part_sum, part_out, out, out.stride(0), out.stride(1)),
-            {"D": d, "SPLITS": splits},
+            {"D": d, "DP": max(16, triton.next_power_of_2(d)), "SPLITS": splits},
             {"num_warps": 4},
         )
     return out

@@ -121,6 +121,7 @@ def _paged_prefill_kernel(
     stride_oh,
     GROUP: tl.constexpr,
     D: tl.constexpr,
+    DP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -134,19 +135,22 @@ def _paged_prefill_kernel(
     history = tl.load(tiles + tile * 5 + 3)
     table = block_tables + tl.load(tiles + tile * 5 + 4).to(tl.int64) * stride_bt
     m = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
+    d = tl.arange(0, DP)  # head_dim padded to a power of two; dmask keeps the real columns
+    dmask = d < D
     qi = q_off + m
     qmask = qi < length
     tok = (start + qi).to(tl.int64)
     q = tl.load(
-        Q + tok[:, None] * stride_qt + head * stride_qh + d[None, :], mask=qmask[:, None], other=0.0
+        Q + tok[:, None] * stride_qt + head * stride_qh + d[None, :],
+        mask=qmask[:, None] & dmask[None, :],
+        other=0.0,
     )
     qpos = history + qi
     # keys up to the tile's last query position (causal), no further
     kv_end = history + tl.minimum(q_off + BLOCK_M, length)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
     n = tl.arange(0, BLOCK_N)
     for k_start in range(0, kv_end, BLOCK_N):
         kpos = k_start + n
@@ -154,8 +158,8 @@ def _paged_prefill_kernel(
         blk = tl.load(table + kpos // BLOCK_SIZE, mask=kvalid, other=0)
         rows = blk.to(tl.int64) * BLOCK_SIZE + kpos % BLOCK_SIZE
         kv_off = rows[:, None] * stride_kt + kvh * stride_kh + d[None, :]
-        k = tl.load(K + kv_off, mask=kvalid[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=kvalid[:, None], other=0.0)
+        k = tl.load(K + kv_off, mask=kvalid[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(V + kv_off, mask=kvalid[:, None] & dmask[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
         s = tl.where(kvalid[None, :] & (kpos[None, :] <= qpos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is visible to every row
@@ -167,7 +171,7 @@ def _paged_prefill_kernel(
     tl.store(
         Out + tok[:, None] * stride_ot + head * stride_oh + d[None, :],
         (acc / l_i[:, None]).to(Out.dtype.element_ty),
-        mask=qmask[:, None],
+        mask=qmask[:, None] & dmask[None, :],
     )
 
 
@@ -216,6 +220,7 @@ def paged_prefill_triton(
         {
             "GROUP": hq // k_cache.shape[1],
             "D": d,
+            "DP": max(16, triton.next_power_of_2(d)),
             "BLOCK_SIZE": block_size,
             "BLOCK_M": meta.block_m,
             "BLOCK_N": block_n,
