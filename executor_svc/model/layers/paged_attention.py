@@ -60,6 +60,25 @@ def decode_splits(batch: int, kv_heads: int, max_context: int, tile: int = TILE)
 
 
 @triton.jit
+def attend_tile(q, k_ptrs, v_ptrs, kv_mask, visible, m_i, l_i, acc, scale):
+    """One online-softmax step of flash attention over a tile of keys (shared by the decode and
+    prefill kernels): q [M, D]; K/V rows at ``k_ptrs``/``v_ptrs`` [N, D] loaded under
+    ``kv_mask`` (0 elsewhere); ``visible`` [M, N] the (query, key) pairs that attend; m_i, l_i
+    [M] the running max and sum, acc [M, D] the unnormalised output. Returns them updated.
+    A row must see at least one key over the whole loop (its max stays -inf until then)."""
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_decode_kernel(
     Q,
     K,
@@ -115,16 +134,10 @@ def _paged_decode_kernel(
         blk = tl.load(block_tables + seq * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
         rows = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         kv_off = rows[:, None] * stride_kt + kvh * stride_kh + d[None, :]
-        k = tl.load(K + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0)
-        v = tl.load(V + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(
+            q, K + kv_off, V + kv_off, valid[:, None] & dmask[None, :], valid[None, :],
+            m_i, l_i, acc, scale,
+        )  # fmt: skip
     if SPLITS == 1:
         tl.store(
             Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],

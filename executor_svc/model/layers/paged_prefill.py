@@ -43,6 +43,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from executor_svc.model.layers.paged_attention import attend_tile  # noqa: E402
 from kernels._launch import Launcher  # noqa: E402
 
 BLOCK_N = 64  # keys per loop iteration
@@ -158,16 +159,12 @@ def _paged_prefill_kernel(
         blk = tl.load(table + kpos // BLOCK_SIZE, mask=kvalid, other=0)
         rows = blk.to(tl.int64) * BLOCK_SIZE + kpos % BLOCK_SIZE
         kv_off = rows[:, None] * stride_kt + kvh * stride_kh + d[None, :]
-        k = tl.load(K + kv_off, mask=kvalid[:, None] & dmask[None, :], other=0.0)
-        v = tl.load(V + kv_off, mask=kvalid[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        s = tl.where(kvalid[None, :] & (kpos[None, :] <= qpos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is visible to every row
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
+        # causal: key positions up to the query's own; key 0 is visible to every row
+        visible = kvalid[None, :] & (kpos[None, :] <= qpos[:, None])
+        m_i, l_i, acc = attend_tile(
+            q, K + kv_off, V + kv_off, kvalid[:, None] & dmask[None, :], visible,
+            m_i, l_i, acc, scale,
+        )  # fmt: skip
     tl.store(
         Out + tok[:, None] * stride_ot + head * stride_oh + d[None, :],
         (acc / l_i[:, None]).to(Out.dtype.element_ty),
