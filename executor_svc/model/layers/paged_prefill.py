@@ -17,9 +17,9 @@ once per step, shared by every layer. Without it (the CPU path, and ``batch_logi
 cache rows) attention runs as SDPA calls, one per run of equal fresh prompts and one per chunk
 with history (executor_svc.model.layers.attention).
 
-Running example (block_size 4, query tiles of 4 tokens): the step holds one decode token, then chunk A
-(6 fresh tokens of a prompt, blocks [5, 2]) and chunk B (3 tokens continuing a prompt with 5
-in the cache, blocks [7, 1])::
+Running example (block_size 4, query tiles of 4 tokens): the step holds one decode token,
+then chunk A (6 fresh tokens of a prompt, blocks [5, 2]) and chunk B (3 tokens continuing a
+prompt with 5 in the cache, blocks [7, 1])::
 
     chunks:  A start=1 length=6 history=0 table row 0;  B start=7 length=3 history=5 row 1
     tiles:   [start, q_offset, length, history, row]
@@ -126,15 +126,17 @@ def _paged_prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    FIELDS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     kvh = head // GROUP
-    start = tl.load(tiles + tile * 5)
-    q_off = tl.load(tiles + tile * 5 + 1)
-    length = tl.load(tiles + tile * 5 + 2)
-    history = tl.load(tiles + tile * 5 + 3)
-    table = block_tables + tl.load(tiles + tile * 5 + 4).to(tl.int64) * stride_bt
+    fields = tiles + tile * FIELDS  # start, q_offset, length, history, table row
+    start = tl.load(fields)
+    q_off = tl.load(fields + 1)
+    length = tl.load(fields + 2)
+    history = tl.load(fields + 3)
+    table = block_tables + tl.load(fields + 4).to(tl.int64) * stride_bt
     m = tl.arange(0, BLOCK_M)
     d = tl.arange(0, DP)  # head_dim padded to a power of two; dmask keeps the real columns
     dmask = d < D
@@ -221,6 +223,7 @@ def paged_prefill_triton(
             "BLOCK_SIZE": block_size,
             "BLOCK_M": meta.block_m,
             "BLOCK_N": block_n,
+            "FIELDS": _TILE_FIELDS,
         },
         {"num_warps": num_warps, "num_stages": num_stages or meta.num_stages},
     )
