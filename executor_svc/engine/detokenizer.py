@@ -2,9 +2,9 @@
 
 Each push decodes a short window of the request's tokens, not its whole completion (which
 cost O(n) per token: 200 us a token at 2,048 tokens with the dev tokenizer, 13 ms of host
-time a step for 64 such streams; bench/detokenizer_bench.py). The window starts a few tokens back (``prefix``), so that
-tokenizers whose pieces depend on their left neighbour (leading spaces, byte-level merges)
-decode the new tokens as the whole text would; the new text is what the window decodes past
+time a step for 64 such streams; bench/detokenizer_bench.py). The window starts a few tokens
+back (``prefix``), so that tokenizers whose pieces depend on their left neighbour (leading
+spaces, byte-level merges) decode the new tokens as the whole text would; the new text is what the window decodes past
 what its first part decodes alone. Partial characters wait: while a window's text ends in
 U+FFFD (a multi-byte character cut between tokens) nothing is read and the window grows
 until the character completes. So the deltas concatenate to

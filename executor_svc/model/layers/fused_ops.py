@@ -3,8 +3,8 @@
 In eager torch each of these is 4-12 small kernels; at decode sizes a 7B step spent more time
 in ~1,400 such launches (inside the CUDA graph) than in a third of its GEMMs. One Triton
 program per token row each, launched through :class:`kernels._launch.Launcher` (eager
-prefill steps launch them 4 times a layer). The CPU path keeps the plain-torch ops (bit-exact vs transformers).
-Numerics follow transformers: RMSNorm and RoPE in fp32, rounded once to the model dtype.
+prefill steps launch them 4 times a layer). The CPU path keeps the plain-torch ops (bit-exact
+vs transformers). Numerics follow transformers: RMSNorm and RoPE in fp32, rounded once to the model dtype.
 """
 
 from __future__ import annotations
