@@ -4,8 +4,9 @@ Each push decodes a short window of the request's tokens, not its whole completi
 cost O(n) per token: 200 us a token at 2,048 tokens with the dev tokenizer, 13 ms of host
 time a step for 64 such streams; bench/detokenizer_bench.py). The window starts a few tokens
 back (``prefix``), so that tokenizers whose pieces depend on their left neighbour (leading
-spaces, byte-level merges) decode the new tokens as the whole text would; the new text is what the window decodes past
-what its first part decodes alone. Partial characters wait: while a window's text ends in
+spaces, byte-level merges) decode the new tokens as the whole text would; the new text is
+what the window decodes past what its first part decodes alone. Partial characters wait:
+while a window's text ends in
 U+FFFD (a multi-byte character cut between tokens) nothing is read and the window grows
 until the character completes. So the deltas concatenate to
 ``tokenizer.decode(all_ids, skip_special_tokens=True)`` (the final push decodes whatever is
