@@ -125,7 +125,13 @@ async def run_case(engine: Engine, batch: int, plans, prompts, *, t0: float | No
 
     steps = {"eager": [0, 0.0], "graph": [0, 0.0]}
     eager_steps: list[tuple[int, float]] = []  # (tokens, seconds) of each eager step
-    execute = engine.runner.execute
+    prompt_graph_steps: list[tuple[int, float]] = []  # same, steps with prompt rows in a graph
+    runner = engine.runner
+    execute, prepare, prepared = runner.execute, runner._prepare, []
+
+    def flagged_prepare(*a):  # only eager steps build their inputs here
+        prepared.append(True)
+        return prepare(*a)
 
     def timed(batch_, **kw):  # time spent in the runner per step kind
         t = time.perf_counter()
@@ -133,19 +139,22 @@ async def run_case(engine: Engine, batch: int, plans, prompts, *, t0: float | No
             return execute(batch_, **kw)
         finally:
             dt = time.perf_counter() - t
-            eager = not all(n == 1 for _, n in batch_.entries)
+            eager, tokens = bool(prepared), sum(n for _, n in batch_.entries)
+            prepared.clear()
             kind = steps["eager" if eager else "graph"]
             kind[0] += 1
             kind[1] += dt
             if eager:
-                eager_steps.append((sum(n for _, n in batch_.entries), round(dt, 4)))
+                eager_steps.append((tokens, round(dt, 4)))
+            elif tokens > len(batch_.entries):
+                prompt_graph_steps.append((tokens, round(dt, 4)))
 
-    engine.runner.execute = timed
+    runner.execute, runner._prepare = timed, flagged_prepare
     t0 = t0 or time.perf_counter()
     try:
         counts = await asyncio.gather(*(one(i) for i in range(batch)))
     finally:
-        engine.runner.execute = execute
+        runner.execute, runner._prepare = execute, prepare
     t1 = time.perf_counter()
     t_all_started = max(first)
     decode_tokens = sum(n for t, n in done_tokens_after if t > t_all_started)
@@ -159,8 +168,10 @@ async def run_case(engine: Engine, batch: int, plans, prompts, *, t0: float | No
         "eager_steps": steps["eager"][0],
         "eager_s": round(steps["eager"][1], 3),
         "eager_each_s": eager_steps,  # (tokens, seconds) per eager step
+        # graph replays: decode steps and small steps with prompt rows (also listed apart)
         "decode_steps": steps["graph"][0],
         "decode_s": round(steps["graph"][1], 3),
+        "prompt_graph_each_s": prompt_graph_steps,
     }
 
 
@@ -424,7 +435,7 @@ def peft_baselines(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batches", type=int, nargs="+", default=[32, 64])
-    p.add_argument("--graph-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 48, 64])
+    p.add_argument("--graph-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 48, 64, 128, 256])
     p.add_argument("--peft-new-tokens", type=int, default=32)
     p.add_argument("--skip-peft", action="store_true")
     p.add_argument(

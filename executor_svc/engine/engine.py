@@ -35,7 +35,7 @@ import torch
 from executor_svc.engine.block_manager import BlockManager
 from executor_svc.engine.detokenizer import IncrementalDetokenizer
 from executor_svc.engine.merging import MergePolicy
-from executor_svc.engine.model_runner import ModelRunner, kv_bytes_per_block
+from executor_svc.engine.model_runner import ROW_GRAPH_SIZES, ModelRunner, kv_bytes_per_block
 from executor_svc.engine.scheduler import Scheduler
 from executor_svc.engine.sequence import SeqStatus, Sequence
 from executor_svc.engine.types import EngineRequest, EngineStats, TokenEvent
@@ -138,6 +138,11 @@ class Engine:
                 for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
                 if b < self.max_num_seqs
             ] + [self.max_num_seqs]
+            # Graphs past the batch limit serve steps with prompt rows only (model_runner's
+            # DecodeRows): the decodes plus a short prompt or the last chunk of a long one.
+            sizes += [
+                b for b in ROW_GRAPH_SIZES if self.max_num_seqs < b <= self.max_num_batched_tokens
+            ]
         self.blocks = BlockManager(num_blocks, self.block_size)
         self.scheduler = Scheduler(
             self.blocks,

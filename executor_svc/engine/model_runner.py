@@ -9,8 +9,13 @@ adapter over 64 requests launched as many programs as 64 distinct adapters; the 
 0.1-0.7 ms of GPU time off a 7B decode step on the H100, docs/benchmarks.md). Inputs are
 copied into static buffers (the LoRA metadata in two copies from pinned memory); padding rows
 write to the scratch KV block 0 and carry no adapter, so nothing is allocated on the device
-per step. Steps with prefill chunks run eagerly; on CUDA their attention is one kernel a layer
-for every chunk, whatever its length and history (executor_svc.model.layers.paged_prefill).
+per step. A small step with prompt chunks (no more tokens than the largest graph, and chunks
+with little history) replays the same graphs: each prompt token is a decode row attending to
+its own prefix (see :class:`DecodeRows`), so a short prompt joining a running batch, or the
+last chunk of a long one, costs a graph replay instead of an eager step (on the H100 a 47-token
+mixed 7B step queued its kernels in 17 ms of host time eagerly, 32 ms with 8 adapters). Other
+steps with prefill chunks run eagerly; on CUDA their attention is one kernel a layer for every
+chunk, whatever its length and history (executor_svc.model.layers.paged_prefill).
 
 Before each step the merge controller (executor_svc.engine.merging, dLoRA's merged mode) may
 fold one adapter into the base weights or take it out, and rewrites the step's plans to match:
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,6 +47,77 @@ from kernels.metadata import MAX_K
 log = logging.getLogger(__name__)
 
 GRAPH_META_MODE = "plan"  # fixed for capture and replay: buffer shapes must not change
+# A step's prompt rows run as decode rows (in a graph) only while the context they attend to,
+# summed over those rows, stays under this many tokens: a row reads its whole prefix, so a
+# chunk of n tokens after h tokens of history reads n * h + n (n + 1) / 2 tokens of K/V where
+# the prefill kernel reads each about once. 16,384 token reads are ~2.4 ms of a 7B step on the
+# H100 (a b32 decode step's 6,144 rows of context cost 0.9 ms), against 10-25 ms of host time
+# that an eager step of a few dozen tokens takes to queue.
+ROWS_MAX_PROMPT_CONTEXT = 16384
+# Graph sizes an engine captures past its batch limit by default, for steps with prompt rows
+# (on the H100 a 157-token mixed 7B step took 20-40 ms eagerly, docs/benchmarks.md). A row
+# past the step's tokens is padding: it costs the GEMMs little at these sizes, which read
+# the weights once whatever the rows.
+ROW_GRAPH_SIZES = (128, 256)
+
+
+@dataclass(slots=True)
+class DecodeRows:
+    """A step laid out as decode rows: one row per new token, attending to its sequence's
+    KV cache up to and including itself.
+
+    A decode entry is one row. A prompt chunk of n tokens at positions c..c+n-1 is n rows with
+    context lengths c+1..c+n and the sequence's block table: every layer writes the step's
+    K/V for all rows before its attention reads any, so row i sees the chunk's earlier rows
+    (and its history), and its context length hides the later ones: causal attention over
+    the prompt, as a prefill computes it. Running example (block_size 4)::
+
+        A decoding its 6th token (blocks [3, 7]), B prefilling tokens 0..2 (block [5])
+        ids = [a5, b0, b1, b2]   pos = [5, 0, 1, 2]   context_lens = [6, 1, 2, 3]
+        tables = [[3, 7], [5], [5], [5]]   plans = [plan_A, plan_B, plan_B, plan_B]
+        logits_rows = [0, 3]     # A samples; B's prompt ends with this chunk
+    """
+
+    ids: np.ndarray  # [R] int64 token ids
+    pos: np.ndarray  # [R] int64 positions (context length - 1)
+    tables: list[list[int]]  # [R] each row's block table (a chunk's rows share one list)
+    plans: list[Plan]  # [R] each row's effective LoRA plan
+    logits_rows: list[int]  # rows whose logits are sampled, in the order of the entries
+
+    @property
+    def all_sample(self) -> bool:
+        return len(self.logits_rows) == len(self.ids)
+
+
+def decode_rows(
+    entries, tables: list[list[int]], plans: list[Plan], max_rows: int, prompts: bool = True
+) -> DecodeRows | None:
+    """The step as :class:`DecodeRows`, or None if it has more than ``max_rows`` tokens, its
+    prompt rows would read more than ``ROWS_MAX_PROMPT_CONTEXT`` tokens of context, or it has
+    prompt rows and ``prompts`` is False."""
+    if sum(n for _, n in entries) > max_rows:
+        return None
+    if not prompts and any(n > 1 for _, n in entries):
+        return None
+    reads = sum(n * s.num_computed + n * (n + 1) // 2 for s, n in entries if n > 1)
+    if reads > ROWS_MAX_PROMPT_CONTEXT:
+        return None
+    ids: list[int] = []
+    pos: list[int] = []
+    row_tables: list[list[int]] = []
+    row_plans: list[Plan] = []
+    logits_rows: list[int] = []
+    for (seq, n), table, plan in zip(entries, tables, plans, strict=True):
+        c = seq.num_computed
+        ids.extend(seq.token_ids[c : c + n])
+        pos.extend(range(c, c + n))
+        row_tables.extend([table] * n)
+        row_plans.extend([plan] * n)
+        if c + n == seq.num_tokens:
+            logits_rows.append(len(ids) - 1)
+    return DecodeRows(
+        np.asarray(ids, np.int64), np.asarray(pos, np.int64), row_tables, row_plans, logits_rows
+    )
 
 
 def tile_pads(batch: int) -> list[int]:
@@ -125,6 +202,12 @@ class ModelRunner:
         # (batch, LoRA mode) -> (plans, host metadata) of the last decode step: see _decode_meta
         self._last_meta: dict[tuple[int, int], tuple[tuple, LoraBatchMeta]] = {}
         self.graph_sizes = sorted(graph_batch_sizes) if self.device.type == "cuda" else []
+        # Steps of up to this many tokens run as decode rows (DecodeRows): in the captured
+        # graphs on CUDA; eagerly where there are none (set on the CPU by tests, to check the
+        # layout against the prefill path).
+        self.decode_rows_max_tokens = self.graph_sizes[-1] if self.graph_sizes else 0
+        # False: only pure decode steps replay graphs (the earlier behaviour; for benchmarks)
+        self.prompt_rows = True
         if lora_warm_up_tokens and self.device.type == "cuda":
             self.warm_up_lora(lora_warm_up_tokens)  # first: it compiles the graphs' kernels too
         if self.graph_sizes:
@@ -162,9 +245,12 @@ class ModelRunner:
             else [list(s.block_table) for s, _ in entries]
         )
         plans = self.merging.plans_for_step([s.adapters for s, _ in entries])
+        rows = decode_rows(
+            entries, tables, plans, self.decode_rows_max_tokens, prompts=self.prompt_rows
+        )
+        if rows is not None:
+            return self._replay(rows) if self.graph_sizes else self._run_rows(rows)
         num_decode = sum(1 for _, n in entries if n == 1)
-        if num_decode == len(entries) and self.graph_sizes and num_decode <= self.graph_sizes[-1]:
-            return self._replay(entries, tables, plans)
         ids, ctx, logits_idx = self._prepare(entries, num_decode, tables, plans)
         hidden = self.model(ids, ctx, self.kv_caches)
         return self.model.compute_logits(hidden[logits_idx])
@@ -382,30 +468,61 @@ class ModelRunner:
         hidden = self.model(self.s_ids[:b], ctx, self.kv_caches)
         self.s_logits[:b].copy_(self.model.compute_logits(hidden))
 
-    def _replay(self, entries, block_tables: list[list[int]], plans: list[Plan]) -> torch.Tensor:
-        nd, bs = len(entries), self.block_size
-        b = next(s for s in self.graph_sizes if s >= nd)
-        seqs = [s for s, _ in entries]
+    def _row_inputs(self, rows: DecodeRows, b: int):
+        """Host arrays of ``rows`` padded to ``b`` rows: ids, positions, KV rows written, block
+        tables, context lengths. Padding rows write the scratch KV block and attend to 1 token."""
+        nr, bs = len(rows.ids), self.block_size
         ids = np.zeros(b, np.int64)
         pos = np.zeros(b, np.int64)
-        lens = np.ones(b, np.int32)
+        ids[:nr], pos[:nr] = rows.ids, rows.pos
         tables = np.full((b, self.max_blocks), SCRATCH_BLOCK, np.int32)
-        for i, (s, t) in enumerate(zip(seqs, block_tables, strict=True)):
-            p = s.num_computed
-            ids[i], pos[i], lens[i] = s.token_ids[p], p, p + 1
+        for i, t in enumerate(rows.tables):
             tables[i, : len(t)] = t
-        rows = tables[np.arange(b), pos // bs].astype(np.int64) * bs + pos % bs
-        rows[nd:] = SCRATCH_BLOCK * bs
-        for dst, src in (
-            (self.s_ids, ids),
-            (self.s_pos, pos),
-            (self.s_rows, rows),
-            (self.s_tables, tables),
-            (self.s_lens, lens),
+        kv_rows = tables[np.arange(b), pos // bs].astype(np.int64) * bs + pos % bs
+        kv_rows[nr:] = SCRATCH_BLOCK * bs
+        lens = (pos + 1).astype(np.int32)
+        lens[nr:] = 1
+        return ids, pos, kv_rows, tables, lens
+
+    def _run_rows(self, rows: DecodeRows) -> torch.Tensor:
+        """``rows`` in one eager step (where no graphs are captured: the CPU's check)."""
+        nr = len(rows.ids)
+        ids, pos, kv_rows, tables, lens = self._row_inputs(rows, nr)
+        width = max(len(t) for t in rows.tables)
+        ctx = StepContext(
+            positions=self._t(pos),
+            slot_mapping=self._t(kv_rows),
+            num_decode=nr,
+            block_tables=self._t(tables[:, :width]),
+            context_lens=self._t(lens),
+            block_size=self.block_size,
+        )
+        plan = self._lora_plan(rows.plans, [1] * nr)
+        if plan is not None:
+            ctx.lora = build_lora_meta(
+                torch.from_numpy(plan[0]),
+                torch.from_numpy(plan[1]),
+                self.model.num_slots,
+                self.device,
+            )
+        hidden = self.model(self._t(ids), ctx, self.kv_caches)
+        return self.model.compute_logits(hidden[self._t(np.asarray(rows.logits_rows, np.int64))])
+
+    def _replay(self, rows: DecodeRows) -> torch.Tensor:
+        nr = len(rows.ids)
+        b = next(s for s in self.graph_sizes if s >= nr)
+        for dst, src in zip(
+            (self.s_ids, self.s_pos, self.s_rows, self.s_tables, self.s_lens),
+            self._row_inputs(rows, b),
+            strict=True,
         ):
             dst[:b].copy_(torch.from_numpy(src), non_blocking=True)
-        k = max((len(p) for p in plans), default=0)
+        k = max((len(p) for p in rows.plans), default=0)
         mode = 0 if k == 0 else (1 if k == 1 else MAX_K)
-        g = self._decode_meta(plans, b, mode) if mode else self.graphs[(b, 0, 0)]
+        g = self._decode_meta(rows.plans, b, mode) if mode else self.graphs[(b, 0, 0)]
         g.graph.replay()
-        return self.s_logits[:nd]
+        if rows.all_sample or not rows.logits_rows:
+            return self.s_logits[: len(rows.logits_rows)]
+        # A few rows (the chunks' last tokens and the decodes): views joined on the device, so
+        # that no index goes to the device (a pageable copy would wait for the replay).
+        return torch.cat([self.s_logits[i : i + 1] for i in rows.logits_rows])

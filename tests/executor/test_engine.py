@@ -94,10 +94,12 @@ async def test_mixed_batch_equals_alone(family, tiny_model_factory, tmp_path):
         assert engine.stats().requests_completed == 24
 
 
-@pytest.mark.parametrize("paged_prefill", [False, True])
-async def test_preemption_and_chunked_prefill_keep_outputs(tiny_model_dir, tmp_path, paged_prefill):
-    """paged_prefill: the CUDA path's prefill attention (one Triton kernel for every chunk,
-    here interpreted on the CPU) instead of SDPA calls over gathered rows."""
+@pytest.mark.parametrize("path", ["sdpa", "paged", "rows"])
+async def test_preemption_and_chunked_prefill_keep_outputs(tiny_model_dir, tmp_path, path):
+    """The prompt chunks' attention by each path: SDPA over gathered rows (the CPU's);
+    "paged", the CUDA path's one Triton kernel for every chunk (interpreted here); "rows",
+    every step as decode rows, a row per prompt token (the CUDA graphs' layout for small
+    steps, run eagerly here)."""
     async with running_engine(tiny_model_dir, num_lora_slots=4, max_lora_rank=8) as ref:
         await load_adapters(ref, tiny_model_dir, tmp_path)
         expected = [(await collect(ref, req(i, max_tokens=40)))[0] for i in range(6)]
@@ -113,21 +115,29 @@ async def test_preemption_and_chunked_prefill_keep_outputs(tiny_model_dir, tmp_p
         max_num_batched_tokens=5,
     )
     await engine.start()
-    engine.runner.paged_prefill = paged_prefill
-    prepare, paged_steps = engine.runner._prepare, []
+    runner = engine.runner
+    runner.paged_prefill = path == "paged"
+    runner.decode_rows_max_tokens = 5 if path == "rows" else 0
+    prepare, run_rows, paged_steps, prompt_row_steps = runner._prepare, runner._run_rows, [], []
 
     def counting_prepare(*args):
         ids, ctx, logits_idx = prepare(*args)
         paged_steps.append(ctx.prefill_meta is not None)
         return ids, ctx, logits_idx
 
-    engine.runner._prepare = counting_prepare
+    def counting_run_rows(rows):
+        prompt_row_steps.append(not rows.all_sample)
+        return run_rows(rows)
+
+    runner._prepare, runner._run_rows = counting_prepare, counting_run_rows
     try:
         await load_adapters(engine, tiny_model_dir, tmp_path)
         got = await asyncio.gather(*(collect(engine, req(i, max_tokens=40)) for i in range(6)))
         assert [g[0] for g in got] == expected
         assert engine.scheduler.num_preemptions > 0
-        assert any(paged_steps) == paged_prefill
+        assert any(paged_steps) == (path == "paged")
+        # rows: every step (its budget is 5 tokens), prompt chunks with history included
+        assert (not paged_steps and any(prompt_row_steps)) == (path == "rows")
         assert_idle(engine)
     finally:
         await engine.stop()
@@ -243,6 +253,38 @@ def test_schedule_orders_decodes_then_fresh_prompts_by_length():
         sched.add(seq(name, n))
     order = [(s.request_id, n) for s, n in sched.schedule().entries]
     assert order == [("dec", 1), ("b3", 3), ("d3", 3), ("a5", 5), ("c5", 5), ("cont", 8)]
+
+
+def test_decode_rows_lay_out_prompt_tokens_and_refuse_costly_steps():
+    """A decode entry is one row, a prompt chunk a row per token (context length = position
+    + 1, the sequence's block table and plan); only entries that finish their tokens sample.
+    Steps with more tokens than the graphs hold, or whose prompt rows would read too much
+    context, stay eager (None)."""
+    from executor_svc.engine.model_runner import ROWS_MAX_PROMPT_CONTEXT, decode_rows
+
+    opts = SamplingOptions(max_tokens=4)
+
+    def seq(prompt: int, computed: int) -> Sequence:
+        s = Sequence("s", list(range(10, 10 + prompt)), prompt, opts, [], max_tokens=4)
+        s.num_computed = computed
+        return s
+
+    dec, fresh, part = seq(6, 5), seq(3, 0), seq(9, 2)  # part: tokens 2..5 of 9 this step
+    entries = [(dec, 1), (fresh, 3), (part, 4)]
+    plans = [((0, 1.0),), (), ((1, 0.5), (2, 0.5))]
+    rows = decode_rows(entries, [[3, 7], [5], [6, 8]], plans, max_rows=8)
+    assert rows.ids.tolist() == [15, 10, 11, 12, 12, 13, 14, 15]
+    assert rows.pos.tolist() == [5, 0, 1, 2, 2, 3, 4, 5]
+    assert rows.tables == [[3, 7], [5], [5], [5], [6, 8], [6, 8], [6, 8], [6, 8]]
+    assert rows.plans == [plans[0]] + [plans[1]] * 3 + [plans[2]] * 4
+    assert rows.logits_rows == [0, 3] and not rows.all_sample
+    assert decode_rows(entries, [[3, 7], [5], [6, 8]], plans, max_rows=7) is None
+    n = 64
+    history = (ROWS_MAX_PROMPT_CONTEXT - n * (n + 1) // 2) // n  # exactly at the limit
+    long = seq(history + n + 1, history)
+    assert decode_rows([(long, n)], [[0]], [()], max_rows=n) is not None
+    long.num_computed += 1
+    assert decode_rows([(long, n)], [[0]], [()], max_rows=n) is None
 
 
 def test_abort_between_schedule_and_step_keeps_the_step_consistent(tiny_model_dir):

@@ -1,0 +1,198 @@
+"""Open-loop serving on the engine: requests arrive over time, as a service's traffic does.
+
+Llama-2-7B-shaped model with random bf16 weights, rank-16 adapters on all 7 projections.
+Requests arrive in a Poisson process (``--rate`` per second), each with a prompt of
+``--prompt-min``..``--prompt-max`` random tokens, ``--new`` new tokens (EOS ignored) and one of
+8 adapters (``--adapters 0``: none). So steps mix the running decodes with the prompts that
+just arrived: mostly small steps, unlike engine_bench.py's closed batches. Reported per
+variant (JSON lines; never asserts on time): generated tok/s over the run, time to first token
+and inter-token latency (p50 / p90 / p99 / max, ms, from each request's stream), and the steps
+by kind: eager (``eager_steps``, their mean ms in the runner), graph replays with prompt rows
+(``prompt_graph_steps``) and pure decode replays.
+
+Variants, interleaved in rounds (``--repeats``) on one engine:
+    rows      steps with prompt rows replay the decode graphs when they fit (the default)
+    eager     only pure decode steps replay graphs (``ModelRunner.prompt_rows = False``)
+
+    python bench/engine_arrivals_bench.py [--rate 64] [--requests 384] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.engine_bench import RANK, llama7b_config, random_adapter  # noqa: E402
+from executor_svc.engine import Engine, EngineRequest, SamplingOptions  # noqa: E402
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return round(v[min(len(v) - 1, int(q * len(v)))] * 1e3, 2) if v else 0.0
+
+
+class StepKinds:
+    """Counts the runner's steps by kind while installed: eager (inputs built by ``_prepare``),
+    graph replays with prompt rows, pure decode replays; and the seconds spent in each."""
+
+    def __init__(self, engine: Engine):
+        self.runner = engine.runner
+        self.counts = {"eager": [0, 0.0], "prompt_graph": [0, 0.0], "decode_graph": [0, 0.0]}
+        self._prepared = False
+
+    def __enter__(self):
+        r = self.runner
+        self._execute, self._prepare = r.execute, r._prepare
+
+        def prepare(*a):
+            self._prepared = True
+            return self._prepare(*a)
+
+        def execute(batch, **kw):
+            t = time.perf_counter()
+            try:
+                return self._execute(batch, **kw)
+            finally:
+                prompt = sum(n for _, n in batch.entries) > len(batch.entries)
+                kind = "eager" if self._prepared else "prompt_graph" if prompt else "decode_graph"
+                self._prepared = False
+                self.counts[kind][0] += 1
+                self.counts[kind][1] += time.perf_counter() - t
+
+        r.execute, r._prepare = execute, prepare
+        return self
+
+    def __exit__(self, *exc):
+        self.runner.execute, self.runner._prepare = self._execute, self._prepare
+
+    def summary(self) -> dict:
+        out = {}
+        for kind, (n, s) in self.counts.items():
+            out[f"{kind}_steps"] = n
+            out[f"{kind}_mean_ms"] = round(s / n * 1e3, 2) if n else 0.0
+        return out
+
+
+async def run(engine: Engine, args, seed: int) -> dict:
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for i in range(args.requests):
+        t += rng.expovariate(args.rate)
+        n = rng.randint(args.prompt_min, args.prompt_max)
+        prompt = [rng.randrange(3, 32000) for _ in range(n)]
+        plan = [(i % args.adapters, 1.0)] if args.adapters else []
+        arrivals.append((t, prompt, plan))
+    ttft, itl, tokens = [], [], 0
+    t0 = time.perf_counter()
+
+    async def one(i: int, at: float, prompt: list[int], plan) -> None:
+        nonlocal tokens
+        await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+        sent = last = time.perf_counter()
+        r = EngineRequest(
+            f"a{seed}-{i}",
+            "",
+            plan,
+            SamplingOptions(max_tokens=args.new, ignore_eos=True),
+            prompt_token_ids=prompt,
+        )
+        first = True
+        async for ev in engine.generate(r):
+            now = time.perf_counter()
+            if first:
+                ttft.append(now - sent)
+                first = False
+            else:
+                itl.append(now - last)
+            last = now
+            tokens += len(ev.token_ids)
+
+    with StepKinds(engine) as kinds:
+        await asyncio.gather(*(one(i, *a) for i, a in enumerate(arrivals)))
+    wall = time.perf_counter() - t0
+    return {
+        "tok_s": round(tokens / wall, 1),
+        "seconds": round(wall, 3),
+        **{f"ttft_p{int(q * 100)}_ms": pct(ttft, q) for q in (0.5, 0.9, 0.99)},
+        "ttft_max_ms": pct(ttft, 1.0),
+        **{f"itl_p{int(q * 100)}_ms": pct(itl, q) for q in (0.5, 0.9, 0.99)},
+        "itl_max_ms": pct(itl, 1.0),
+        **kinds.summary(),
+    }
+
+
+async def main_async(args) -> None:
+    engine = Engine(
+        None,
+        hf_config=llama7b_config(),
+        device="cuda",
+        dtype=torch.bfloat16,
+        num_lora_slots=8,
+        max_lora_rank=RANK,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.prompt_max + args.new + 16,
+        max_num_batched_tokens=args.max_batched_tokens,
+    )
+    t = time.perf_counter()
+    await engine.start()
+    emit(
+        case="engine_start",
+        seconds=round(time.perf_counter() - t, 1),
+        graph_sizes=engine.runner.graph_sizes,
+        graphs=len(engine.runner.graphs),
+    )
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for slot in range(8):
+        engine.model.set_lora(slot, random_adapter(engine.model, gen))
+    variants = {"rows": True, "eager": False}
+    engine.runner.prompt_rows = True
+    await run(engine, argparse.Namespace(**{**vars(args), "requests": 64}), seed=99)  # warm-up
+    for rnd in range(args.repeats):
+        for name, prompt_rows in variants.items():
+            engine.runner.prompt_rows = prompt_rows
+            r = await run(engine, args, seed=rnd)  # both variants see the same arrivals
+            emit(
+                case=name,
+                round=rnd,
+                rate=args.rate,
+                requests=args.requests,
+                prompt=[args.prompt_min, args.prompt_max],
+                new_tokens=args.new,
+                adapters=args.adapters,
+                **r,
+            )
+    engine.runner.prompt_rows = True
+    await engine.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rate", type=float, default=64.0, help="requests per second (Poisson)")
+    p.add_argument("--requests", type=int, default=384)
+    p.add_argument("--prompt-min", type=int, default=16)
+    p.add_argument("--prompt-max", type=int, default=256)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--adapters", type=int, default=8, help="distinct adapters; 0 = none")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    emit(case="device", gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
