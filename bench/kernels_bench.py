@@ -10,6 +10,10 @@ triton.testing.do_bench (L2 flushed before every call), all measured in the same
 - base_ms: the base projection (cuBLAS, F.linear) that the delta rides on;
 - delta_ms: add_lora (shrink + expand), eager; delta_graph_ms: the same replayed from a CUDA
   graph (what a graph-captured decode step pays); shrink_ms / expand_ms: each kernel alone;
+- base_graph_ms / base_lora_graph_ms / marginal_ms: the base projection in a graph, the same
+  with add_lora after it, and what add_lora adds: the median difference of the two graphs
+  replayed in alternating pairs (the GPU's clock drift between separate medians was larger
+  than the delta at prefill sizes);
 - beside_graph_ms: linear_beside_lora (shrink and expand both beside the GEMM, the delta
   added into a residual that the consumer adds) plus that add, in a graph;
   beside_marginal_ms: that minus F.linear + the same add (linear_add_graph_ms); ratio_beside:
@@ -50,12 +54,14 @@ from kernels._bench import (  # noqa: E402
     TOKENS,
     baseline_inputs,
     bench_ms,
+    capture,
     copy_bandwidth_gbps,
     eager_cpu_us,
     gather_bmm,
     graph_ms,
     lora_bytes,
     make_problem,
+    paired_replay_ms,
     per_adapter_loop,
 )
 
@@ -116,10 +122,12 @@ def run_case(
     if w_base is not None:
         # What a graph-captured step pays: the base projection (cuBLAS, writing y) then the
         # LoRA delta on it, minus the base projection alone, both as CUDA graphs.
+        # Replayed in alternating pairs (paired_replay_ms): the marginal is the median of
+        # the pairs' differences, not a difference of two medians taken apart.
         base = lambda: torch.mm(p.x, w_base.t(), out=p.y)  # noqa: E731
-        out["base_graph_ms"] = graph_ms(base, rep=rep)
-        out["base_lora_graph_ms"] = graph_ms(lambda: (base(), run()), rep=rep)
-        out["marginal_ms"] = out["base_lora_graph_ms"] - out["base_graph_ms"]
+        out["base_graph_ms"], out["base_lora_graph_ms"], out["marginal_ms"] = paired_replay_ms(
+            capture(base), capture(lambda: (base(), run())), pairs=2 * rep
+        )
         # Shrink and expand beside the GEMM, the delta added by the projection's consumer
         # (linear_beside_lora into a residual stream, as the engine's captured decode steps
         # run the o and down projections), over the same consumer without adapters.
@@ -131,9 +139,14 @@ def run_case(
             return base + into
 
         with overlapped():
-            out["beside_graph_ms"] = graph_ms(beside, rep=rep)
-        out["linear_add_graph_ms"] = graph_ms(lambda: F.linear(p.x, w_base) + resid, rep=rep)
-        out["beside_marginal_ms"] = out["beside_graph_ms"] - out["linear_add_graph_ms"]
+            beside_graph = capture(beside)
+        (
+            out["linear_add_graph_ms"],
+            out["beside_graph_ms"],
+            out["beside_marginal_ms"],
+        ) = paired_replay_ms(
+            capture(lambda: F.linear(p.x, w_base) + resid), beside_graph, pairs=2 * rep
+        )
         out["ratio_beside"] = max(out["beside_marginal_ms"], 1e-6) / out["linear_graph_ms"]
     if k == 1:
         idx, scale, groups = baseline_inputs(p)

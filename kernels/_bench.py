@@ -79,8 +79,8 @@ def bench_ms(fn, *, warmup: int = 25, rep: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def graph_ms(fn, *, rep: int = 100, warmup: int = 25) -> float:
-    """Median time of a CUDA-graph replay of fn (no launch overhead), L2 flushed."""
+def capture(fn) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph (after a run on the default stream and one on a side one)."""
     fn()
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
@@ -90,7 +90,52 @@ def graph_ms(fn, *, rep: int = 100, warmup: int = 25) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return bench_ms(graph.replay, rep=rep, warmup=warmup)
+    return graph
+
+
+def graph_ms(fn, *, rep: int = 100, warmup: int = 25) -> float:
+    """Median time of a CUDA-graph replay of fn (no launch overhead), L2 flushed."""
+    return bench_ms(capture(fn).replay, rep=rep, warmup=warmup)
+
+
+def paired_replay_ms(
+    base: torch.cuda.CUDAGraph, both: torch.cuda.CUDAGraph, *, pairs: int = 100, warmup: int = 10
+) -> tuple[float, float, float]:
+    """(median base, median both, median of the per-pair differences), ms: the two graphs
+    replayed in alternation, L2 flushed before each replay, the order swapped every pair.
+
+    The difference of two separate medians (``graph_ms(both) - graph_ms(base)``) carries the
+    GPU's drift between the two measurements: on the power-capped H100 a 0.2-0.5 ms prefill
+    GEMM moved by 20-50% from run to run, more than the delta it rides on
+    (docs/benchmarks.md, seventh pass). Pairs taken back to back see the same clocks."""
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    for _ in range(warmup):
+        base.replay()
+        both.replay()
+    times: dict[str, list[float]] = {"base": [], "both": []}
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(2 * pairs)
+    ]
+    order = []
+    for i in range(pairs):
+        for name in ("base", "both") if i % 2 == 0 else ("both", "base"):
+            flush.zero_()
+            start, end = events[len(order)]
+            start.record()
+            (base if name == "base" else both).replay()
+            end.record()
+            order.append(name)
+    torch.cuda.synchronize()
+    for name, (start, end) in zip(order, events, strict=True):
+        times[name].append(start.elapsed_time(end))
+    diffs = sorted(b - a for a, b in zip(times["base"], times["both"], strict=True))
+    mid = len(diffs) // 2
+    return (
+        sorted(times["base"])[mid],
+        sorted(times["both"])[mid],
+        diffs[mid],
+    )
 
 
 def eager_cpu_us(fn, calls: int = 50) -> float:
