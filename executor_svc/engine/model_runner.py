@@ -34,10 +34,15 @@ import torch
 
 from executor_svc.engine.block_manager import SCRATCH_BLOCK
 from executor_svc.engine.merging import MergeController, MergePolicy, Plan
-from executor_svc.engine.sampler import sample
+from executor_svc.engine.sampler import sample, seeded_exponential
 from executor_svc.engine.scheduler import ScheduledBatch
 from executor_svc.model.context import PrefillChunk, StepContext
-from executor_svc.model.layers.paged_prefill import build_prefill_meta
+from executor_svc.model.layers.paged_attention import MAX_SPLITS, paged_decode_triton
+from executor_svc.model.layers.paged_prefill import (
+    LONG_HISTORY_TOKENS,
+    build_prefill_meta,
+    paged_prefill_triton,
+)
 from executor_svc.model.llama import CausalLM
 from kernels import LoraBatchMeta, build_lora_meta, overlapped
 from kernels._launch import compile_only
@@ -208,6 +213,8 @@ class ModelRunner:
         self.decode_rows_max_tokens = self.graph_sizes[-1] if self.graph_sizes else 0
         # False: only pure decode steps replay graphs (the earlier behaviour; for benchmarks)
         self.prompt_rows = True
+        if self.device.type == "cuda":
+            self.warm_up_kernels()
         if lora_warm_up_tokens and self.device.type == "cuda":
             self.warm_up_lora(lora_warm_up_tokens)  # first: it compiles the graphs' kernels too
         if self.graph_sizes:
@@ -328,6 +335,34 @@ class ModelRunner:
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def warm_up_kernels(self) -> int:
+        """Compile the attention and sampling kernels' variants that eager steps and requests
+        can launch, before serving; returns the number of launches. The decode kernel takes a
+        split count from the batch and the block tables' width (every power of two up to
+        ``MAX_SPLITS``, each with its combine), the prefill kernel one of two configs by the
+        longest history, the seeded sampler one variant. The captured graphs compile only the
+        decode variants they hold; the rest, compiled by the first step that needed them,
+        stalled every running request for 0.4-0.6 s on the H100 (docs/benchmarks.md, eleventh
+        pass). On zeros, reading the scratch KV block; nothing is kept."""
+        c, dev, bs = self.model.config, self.device, self.block_size
+        k_cache, v_cache = self.kv_caches[0]
+        q = torch.zeros(1, c.num_heads, c.head_dim, dtype=self.model.dtype, device=dev)
+        lens = torch.ones(1, dtype=torch.int32, device=dev)
+        scale, launches = c.head_dim**-0.5, 0
+        table = torch.full((1, 1), SCRATCH_BLOCK, dtype=torch.int32, device=dev)
+        for i in range(MAX_SPLITS.bit_length()):
+            paged_decode_triton(q, k_cache, v_cache, table, lens, scale, bs, splits=1 << i)
+            launches += 1
+        for history in (0, LONG_HISTORY_TOKENS):  # the short- and the long-history config
+            blocks = [SCRATCH_BLOCK] * -(-(history + 1) // bs)
+            meta = build_prefill_meta([(0, 1, history, blocks)], dev)
+            paged_prefill_triton(q, k_cache, v_cache, meta, scale, bs, torch.empty_like(q))
+            launches += 1
+        seeded_exponential(torch.zeros(1, c.vocab_size, device=dev), [0], [0])
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return launches + 1
 
     def warm_up_lora(self, max_tokens: int) -> int:
         """Compile the LoRA kernels eager (prefill and mixed) steps launch, before serving.

@@ -88,7 +88,11 @@ def seeded_exponential(race: torch.Tensor, rows: list[int], keys: list[int]) -> 
 
 def seeded_exponential_triton(race: torch.Tensor, rows: list[int], keys: list[int]) -> None:
     """``seeded_exponential``'s kernel path (the tests also run it interpreted on the CPU)."""
-    meta = torch.tensor([keys, rows], dtype=torch.int64).to(race.device, non_blocking=True)
+    # keys and rows in one copy, each row of the pair an even length so that both start
+    # 16-byte aligned (one compiled variant whatever the count)
+    pad = [0] * (len(rows) % 2)
+    meta = torch.tensor([keys + pad, rows + pad], dtype=torch.int64)
+    meta = meta.to(race.device, non_blocking=True)
     _launch_seeded_exponential(
         (len(rows),),
         (race, meta[0], meta[1], race.stride(0), race.shape[1]),

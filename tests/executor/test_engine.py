@@ -287,6 +287,14 @@ def test_decode_rows_lay_out_prompt_tokens_and_refuse_costly_steps():
     assert decode_rows([(long, n)], [[0]], [()], max_rows=n) is None
 
 
+async def test_kernel_warm_up_launches_every_attention_and_sampling_variant(tiny_model_dir):
+    """The warm-up that CUDA engines run before serving (here interpreted): the decode kernel
+    at split counts 1-16, the prefill kernel's two configs, the seeded sampler."""
+    async with running_engine(tiny_model_dir, num_lora_slots=2, max_lora_rank=8) as engine:
+        assert engine.runner.warm_up_kernels() == 5 + 2 + 1
+        assert_idle(engine)
+
+
 def test_abort_between_schedule_and_step_keeps_the_step_consistent(tiny_model_dir):
     """abort() (event-loop thread) frees a sequence's blocks while the worker thread is between
     schedule() and the end of the step: the step must use the block tables it was scheduled

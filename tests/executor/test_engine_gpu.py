@@ -272,6 +272,64 @@ def test_graph_runs_small_prompt_steps(setup):
         assert float(gap.max()) < 0.1 * float(lg.std()), (plans[i], i, gap)
 
 
+def test_nothing_compiles_while_serving(setup, tmp_path):
+    """After start (warm-up, graph capture) a varied workload makes Triton compile nothing:
+    prompts of many lengths, in eager steps and as graph rows; 64-token chunks, one prompt
+    chunked past 1,024 tokens of history (the prefill kernel's other config); decode rows in
+    eager steps at several split counts; seeded and unseeded sampling; 0-3 adapters a token."""
+    import triton
+
+    from executor_svc.engine import Engine, EngineRequest, SamplingOptions
+    from executor_svc.model.lora_loader import load_adapter
+
+    _, adapters = setup
+    model_dir = _devmodels().build_tiny_model(
+        tmp_path / "m", architecture="qwen2", hidden_size=128, intermediate_size=256,
+        num_heads=4, num_kv_heads=2, max_position_embeddings=2048,
+    )  # fmt: skip
+    plans = [[], [(0, 1.0)], [(1, 0.5), (2, 0.5)], [(0, 0.2), (1, 0.3), (2, 0.5)]]
+    compiled = []
+
+    def on_compile(**hook):
+        if not hook.get("is_manual_warmup"):
+            compiled.append(str(hook.get("repr")).split("[")[0])
+        return False
+
+    async def main():
+        engine = Engine(
+            model_dir, device="cuda", num_lora_slots=4, max_lora_rank=16, max_num_seqs=8,
+            max_num_batched_tokens=64, cuda_graph_batch_sizes=[1, 4, 8],
+        )  # fmt: skip
+        await engine.start()
+        for slot, path in enumerate(adapters):
+            engine.model.set_lora(slot, load_adapter(path, dtype=torch.bfloat16))
+
+        async def one(i, n, delay):
+            await asyncio.sleep(delay)
+            seeded = i % 3 == 0
+            r = EngineRequest(
+                f"c{i}", "", plans[i % 4],
+                SamplingOptions(max_tokens=8 + i % 5, ignore_eos=True,
+                                temperature=0.8 if seeded or i % 3 == 1 else 0.0,
+                                seed=i if seeded else None),
+                prompt_token_ids=[(7 * i + j) % 250 + 3 for j in range(n)],
+            )  # fmt: skip
+            return [t async for ev in engine.generate(r) for t in ev.token_ids]
+
+        triton.knobs.runtime.jit_cache_hook = on_compile
+        try:
+            lengths = [3, 21, 1100, 37, 50, 5, 64, 130, 9, 17, 2, 77]
+            outs = await asyncio.gather(*(one(i, n, 0.01 * i) for i, n in enumerate(lengths)))
+        finally:
+            triton.knobs.runtime.jit_cache_hook = None
+            await engine.stop()
+        return outs
+
+    outs = asyncio.run(main())
+    assert all(len(o) == 8 + i % 5 for i, o in enumerate(outs))
+    assert not compiled, compiled
+
+
 def test_paged_prefill_kernel_bf16():
     """Every chunk of a step in one launch, on the GPU in bf16: fresh prompts of several
     lengths and chunks with histories, against the same attention in fp32 by SDPA per chunk."""

@@ -273,3 +273,43 @@ def test_prefill_meta_rejects_empty_chunks():
         build_prefill_meta([(0, 0, 0, [1])], "cpu")
     with pytest.raises(ValueError, match="no prefill chunks"):
         build_prefill_meta([], "cpu")
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 3, 4, 5, 7])
+def test_prefill_meta_tables_start_aligned(tiles):
+    """Triton compiles a variant per pointer alignment: the block tables must start 16-byte
+    aligned whatever the tile count, or a step with an odd one compiles while serving."""
+    meta = build_prefill_meta([(0, 64 * tiles, 3, [1, 2, 3])], "cpu")
+    assert meta.tiles.shape[0] == tiles
+    assert meta.tables.data_ptr() % 16 == 0 and meta.tiles.data_ptr() % 16 == 0
+    assert meta.tables.tolist() == [[1, 2, 3]]
+    assert meta.tiles[:, 1].tolist() == [64 * i for i in range(tiles)]
+
+
+def test_prefill_sdpa_leaves_out_cudnn(monkeypatch):
+    """The prefill path's SDPA calls run with cuDNN's backend off (it builds a plan on the host
+    for every new shape: 35-44 ms on the H100) and the flags come back afterwards."""
+    import torch.nn.functional as F
+
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def observed(*args, **kwargs):  # calls through; records the backend flags at the call
+        seen.append(
+            (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+        )
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", observed)
+    g = torch.Generator().manual_seed(0)
+    attn, t = PagedAttention(4, 2, 8), 7
+    q, k, v = (torch.randn(t, h, 8, generator=g) for h in (4, 2, 2))
+    ctx = StepContext(
+        positions=torch.arange(t),
+        slot_mapping=torch.arange(t),
+        prefills=[_fresh(0, t)],
+        block_size=16,
+    )
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    attn(q, k, v, (torch.zeros(16, 2, 8), torch.zeros(16, 2, 8)), ctx)
+    assert seen == [(False, True)]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -5,10 +5,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from executor_svc.model.context import StepContext
 from executor_svc.model.layers.paged_attention import paged_decode
 from executor_svc.model.layers.paged_prefill import paged_prefill_triton
+
+# SDPA's backends for prefill, cuDNN's left out. PyTorch picks cuDNN's attention first on the
+# H100, and it builds an execution plan on the host for every new shape (sequences x length):
+# 35-44 ms each, on the step thread, so every prompt of a length not seen before stalled
+# the whole batch (up to 0.6 s a step under open-loop traffic; flash attention's first call
+# at a new shape took 2 ms, docs/benchmarks.md, eleventh pass).
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class PagedAttention(nn.Module):
@@ -59,15 +67,16 @@ class PagedAttention(nn.Module):
                 ks, vs, mask, causal = k[sl], v[sl], None, True
             else:
                 ks, vs, mask, causal = k_cache[p.kv_rows], v_cache[p.kv_rows], p.mask, False
-            o = F.scaled_dot_product_attention(
-                _heads_first(q[sl], n),
-                _heads_first(ks, n),
-                _heads_first(vs, n),
-                attn_mask=mask,
-                is_causal=causal,
-                scale=self.scale,
-                enable_gqa=True,
-            )
+            with sdpa_kernel(SDPA_BACKENDS):
+                o = F.scaled_dot_product_attention(
+                    _heads_first(q[sl], n),
+                    _heads_first(ks, n),
+                    _heads_first(vs, n),
+                    attn_mask=mask,
+                    is_causal=causal,
+                    scale=self.scale,
+                    enable_gqa=True,
+                )
             out[sl] = o.transpose(1, 2).reshape(-1, o.shape[1], o.shape[3])
         return out
 

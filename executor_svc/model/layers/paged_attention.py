@@ -78,7 +78,9 @@ def attend_tile(q, k_ptrs, v_ptrs, kv_mask, visible, m_i, l_i, acc, scale):
     return m_new, l_i, acc
 
 
-@triton.jit
+# stride_bt is the width of the step's block tables: eager steps size it to their longest table,
+# so a specialisation on it (== 1, multiple of 16) would compile variants while serving.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_decode_kernel(
     Q,
     K,
@@ -181,7 +183,7 @@ def _combine_kernel(
     tl.store(Out + seq * stride_ot + head * stride_oh + d, out, mask=dmask)
 
 
-_launch_paged_decode = Launcher(_paged_decode_kernel)
+_launch_paged_decode = Launcher(_paged_decode_kernel, unspecialized=("stride_bt",))
 _launch_combine = Launcher(_combine_kernel)
 
 

@@ -83,10 +83,12 @@ def build_prefill_meta(
         stages = 2
     width = max(len(t) for *_, t in chunks)
     num_tiles = sum(-(-n // block_m) for _, n, _, _ in chunks)
-    n_int = num_tiles * _TILE_FIELDS + len(chunks) * width
-    buf = np.zeros(n_int, np.int32)
+    # The tables start 16-byte aligned (after a whole number of 4-tile groups): Triton
+    # specialises on a pointer's alignment, and a variant per alignment compiled while serving.
+    tables_at = -(-num_tiles // 4) * 4 * _TILE_FIELDS
+    buf = np.zeros(tables_at + len(chunks) * width, np.int32)
     tiles = buf[: num_tiles * _TILE_FIELDS].reshape(num_tiles, _TILE_FIELDS)
-    tables = buf[num_tiles * _TILE_FIELDS :].reshape(len(chunks), width)
+    tables = buf[tables_at:].reshape(len(chunks), width)
     i = 0
     for row, (start, n, history, table) in enumerate(chunks):
         if n < 1 or history < 0:
@@ -98,13 +100,13 @@ def build_prefill_meta(
     dev = torch.from_numpy(buf).to(device, non_blocking=True)
     return PrefillMeta(
         tiles=dev[: num_tiles * _TILE_FIELDS].view(num_tiles, _TILE_FIELDS),
-        tables=dev[num_tiles * _TILE_FIELDS :].view(len(chunks), width),
+        tables=dev[tables_at:].view(len(chunks), width),
         block_m=block_m,
         num_stages=stages,
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the tables' width: see _paged_decode_kernel
 def _paged_prefill_kernel(
     Q,
     K,
@@ -174,7 +176,7 @@ def _paged_prefill_kernel(
     )
 
 
-_launch_paged_prefill = Launcher(_paged_prefill_kernel)
+_launch_paged_prefill = Launcher(_paged_prefill_kernel, unspecialized=("stride_bt",))
 
 
 def paged_prefill_triton(
