@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import grpc
 import pytest
@@ -160,8 +161,16 @@ async def test_cancel_mid_stream_frees_kv_and_slot_refs(settings):
 async def test_deadline_mid_stream_frees_resources(settings):
     async with running_executor(settings) as (_, stub):
         request = stream_request(adapters=(("task-1", 1.0),), max_tokens=240, min_tokens=240)
+        # The deadline falls about a third of the way into the 240 tokens on any device: 2.5x
+        # a 32-token stream's time here (the adapter resident by then). A fixed 0.1 s outlasted
+        # the whole stream on an H100.
+        probe = stream_request(adapters=(("task-1", 1.0),), max_tokens=32, min_tokens=32)
+        for _ in range(2):
+            start = time.perf_counter()
+            _ = [m async for m in stub.GenerateStream(probe)]
+        timeout = 2.5 * (time.perf_counter() - start)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            _ = [m async for m in stub.GenerateStream(request, timeout=0.1)]
+            _ = [m async for m in stub.GenerateStream(request, timeout=timeout)]
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         stats = await wait_idle(stub)
         assert stats.kv_blocks_free == stats.kv_blocks_total and stats.running_requests == 0
