@@ -323,15 +323,16 @@ class ModelRunner:
                 block_tables[i, : len(t)] = t
             ctx.block_tables = self._t(block_tables)
             ctx.context_lens = self._t(np.array([s.num_computed + 1 for s in dec], np.int32))
-        plan = self._lora_plan(plans, [n for _, n in entries])
-        if plan is not None:
-            ctx.lora = build_lora_meta(
-                torch.from_numpy(plan[0]),
-                torch.from_numpy(plan[1]),
-                self.model.num_slots,
-                self.device,
-            )
+        ctx.lora = self._step_lora_meta(plans, [n for _, n in entries])
         return self._t(np.asarray(ids, np.int64)), ctx, self._t(np.asarray(logits_idx, np.int64))
+
+    def _step_lora_meta(self, plans: list[Plan], counts: list[int]) -> LoraBatchMeta | None:
+        """An eager step's LoRA metadata on the device (None: no token has an adapter)."""
+        plan = self._lora_plan(plans, counts)
+        if plan is None:
+            return None
+        slots, weights = (torch.from_numpy(a) for a in plan)
+        return build_lora_meta(slots, weights, self.model.num_slots, self.device)
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -531,15 +532,8 @@ class ModelRunner:
             block_tables=self._t(tables[:, :width]),
             context_lens=self._t(lens),
             block_size=self.block_size,
+            lora=self._step_lora_meta(rows.plans, [1] * nr),
         )
-        plan = self._lora_plan(rows.plans, [1] * nr)
-        if plan is not None:
-            ctx.lora = build_lora_meta(
-                torch.from_numpy(plan[0]),
-                torch.from_numpy(plan[1]),
-                self.model.num_slots,
-                self.device,
-            )
         hidden = self.model(self._t(ids), ctx, self.kv_caches)
         return self.model.compute_logits(hidden[self._t(np.asarray(rows.logits_rows, np.int64))])
 
