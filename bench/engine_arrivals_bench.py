@@ -33,7 +33,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine_bench import RANK, llama7b_config, random_adapter  # noqa: E402
+from bench.engine_bench import RANK, StepTimer, llama7b_config, random_adapter  # noqa: E402
 from executor_svc.engine import Engine, EngineRequest, SamplingOptions  # noqa: E402
 
 
@@ -46,65 +46,24 @@ def pct(values: list[float], q: float) -> float:
     return round(v[min(len(v) - 1, int(q * len(v)))] * 1e3, 2) if v else 0.0
 
 
-class StepKinds:
-    """Counts the runner's steps by kind while installed: eager (inputs built by ``_prepare``),
-    graph replays with prompt rows, pure decode replays; and the seconds spent in each. Keeps
-    the slowest steps (ms, ms until queued, kind, tokens, entries, merged slot before and
-    after), the collector's pauses (Python's gc, longest and summed) and the Triton variants
-    compiled meanwhile (none, if the engine's warm-up covered them), to place latency
-    outliers."""
+class ServingProbe(StepTimer):
+    """Every step while installed (:class:`~bench.engine_bench.StepTimer`), plus the
+    collector's pauses (Python's gc) and the Triton variants compiled meanwhile (none, if the
+    engine's warm-up covered them), to place latency outliers. ``summary()``: steps by kind
+    (count, mean ms in the runner), the five slowest (ms, ms until queued, kind, tokens,
+    entries, merged slot before and after), gc pauses, compiles."""
 
     def __init__(self, engine: Engine):
-        self.runner = engine.runner
-        self.model = engine.model
-        self.counts = {"eager": [0, 0.0], "prompt_graph": [0, 0.0], "decode_graph": [0, 0.0]}
-        self.slowest: list[tuple] = []
+        super().__init__(engine)
         self.gc_pauses: list[float] = []
         self.compiles: list[str] = []
         self._gc_start = 0.0
-        self._prepared = False
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._gc_start = time.perf_counter()
         else:
             self.gc_pauses.append(time.perf_counter() - self._gc_start)
-
-    def __enter__(self):
-        r = self.runner
-        self._execute, self._prepare = r.execute, r._prepare
-
-        def prepare(*a):
-            self._prepared = True
-            return self._prepare(*a)
-
-        def execute(batch, on_launched=None, **kw):
-            t, merged, launched = time.perf_counter(), self.model.merged_slot, []
-
-            def timed_launch():  # the step's work is queued: host time up to here
-                launched.append(time.perf_counter() - t)
-                if on_launched is not None:
-                    on_launched()
-
-            try:
-                return self._execute(batch, on_launched=timed_launch, **kw)
-            finally:
-                dt = time.perf_counter() - t
-                tokens = sum(n for _, n in batch.entries)
-                prompt = tokens > len(batch.entries)
-                kind = "eager" if self._prepared else "prompt_graph" if prompt else "decode_graph"
-                self._prepared = False
-                self.counts[kind][0] += 1
-                self.counts[kind][1] += dt
-                queued = round(launched[0] * 1e3, 1) if launched else None
-                step = (round(dt * 1e3, 1), queued, kind, tokens, len(batch.entries))
-                self.slowest.append((*step, merged, self.model.merged_slot))
-                self.slowest = sorted(self.slowest, reverse=True)[:5]
-
-        r.execute, r._prepare = execute, prepare
-        gc.callbacks.append(self._on_gc)
-        triton.knobs.runtime.jit_cache_hook = self._on_compile
-        return self
 
     def _on_compile(self, **hook) -> bool:
         """Triton is about to compile (or load from its disk cache) a variant while serving:
@@ -113,17 +72,35 @@ class StepKinds:
             self.compiles.append(str(hook.get("repr"))[:400])
         return False
 
+    def __enter__(self):
+        super().__enter__()
+        gc.callbacks.append(self._on_gc)
+        triton.knobs.runtime.jit_cache_hook = self._on_compile
+        return self
+
     def __exit__(self, *exc):
-        self.runner.execute, self.runner._prepare = self._execute, self._prepare
+        super().__exit__(*exc)
         gc.callbacks.remove(self._on_gc)
         triton.knobs.runtime.jit_cache_hook = None
 
     def summary(self) -> dict:
         out = {}
-        for kind, (n, s) in self.counts.items():
-            out[f"{kind}_steps"] = n
-            out[f"{kind}_mean_ms"] = round(s / n * 1e3, 2) if n else 0.0
-        out["slowest_steps"] = self.slowest
+        for kind in ("eager", "prompt_graph", "decode_graph"):
+            secs = [st.seconds for st in self.steps if st.kind == kind]
+            out[f"{kind}_steps"] = len(secs)
+            out[f"{kind}_mean_ms"] = round(sum(secs) / len(secs) * 1e3, 2) if secs else 0.0
+        slowest = sorted(self.steps, key=lambda st: st.seconds, reverse=True)[:5]
+        out["slowest_steps"] = [
+            (
+                round(st.seconds * 1e3, 1),
+                None if st.queued is None else round(st.queued * 1e3, 1),
+                st.kind,
+                st.tokens,
+                st.entries,
+                *st.merged,
+            )
+            for st in slowest
+        ]
         out["gc_pauses"] = len(self.gc_pauses)
         out["gc_max_ms"] = round(max(self.gc_pauses, default=0.0) * 1e3, 2)
         out["gc_total_ms"] = round(sum(self.gc_pauses) * 1e3, 1)
@@ -165,7 +142,7 @@ async def run(engine: Engine, args, seed: int) -> dict:
             last = now
             tokens += len(ev.token_ids)
 
-    with StepKinds(engine) as kinds:
+    with ServingProbe(engine) as kinds:
         await asyncio.gather(*(one(i, *a) for i, a in enumerate(arrivals)))
     wall = time.perf_counter() - t0
     return {

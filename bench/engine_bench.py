@@ -29,6 +29,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,6 +102,75 @@ def random_adapter(model, gen) -> dict:
     return out
 
 
+@dataclass(slots=True)
+class Step:
+    """One step the runner executed: ``kind`` is "eager" (its inputs built by ``_prepare``),
+    "prompt_graph" (a graph replay with prompt rows) or "decode_graph"; ``seconds`` in the
+    runner, ``queued`` until its work was queued (host time), the merged slot before and after."""
+
+    kind: str
+    tokens: int
+    entries: int
+    seconds: float
+    queued: float | None
+    merged: tuple[int | None, int | None]
+
+
+class StepTimer:
+    """While installed (``with``), records every step of the engine's runner as a :class:`Step`
+    in ``steps``."""
+
+    def __init__(self, engine: Engine):
+        self.runner, self.model = engine.runner, engine.model
+        self.steps: list[Step] = []
+        self._prepared = False
+
+    def __enter__(self):
+        r = self.runner
+        self._execute, self._prepare = r.execute, r._prepare
+
+        def prepare(*a):  # only eager steps build their inputs here
+            self._prepared = True
+            return self._prepare(*a)
+
+        def execute(batch, on_launched=None, **kw):
+            t, merged, launched = time.perf_counter(), self.model.merged_slot, []
+
+            def timed_launch():  # the step's work is queued: host time up to here
+                launched.append(time.perf_counter() - t)
+                if on_launched is not None:
+                    on_launched()
+
+            try:
+                return self._execute(batch, on_launched=timed_launch, **kw)
+            finally:
+                tokens, entries = sum(n for _, n in batch.entries), len(batch.entries)
+                kind = (
+                    "eager"
+                    if self._prepared
+                    else "prompt_graph"
+                    if tokens > entries
+                    else "decode_graph"
+                )
+                self._prepared = False
+                self.steps.append(
+                    Step(
+                        kind,
+                        tokens,
+                        entries,
+                        time.perf_counter() - t,
+                        launched[0] if launched else None,
+                        (merged, self.model.merged_slot),
+                    )
+                )
+
+        r.execute, r._prepare = execute, prepare
+        return self
+
+    def __exit__(self, *exc):
+        self.runner.execute, self.runner._prepare = self._execute, self._prepare
+
+
 async def run_case(engine: Engine, batch: int, plans, prompts, *, t0: float | None = None) -> dict:
     """Time ``batch`` requests; ``plans`` is a list, or an async function of the request index
     (the request waits for it: e.g. a slot lease whose adapter loads from disk)."""
@@ -123,39 +193,12 @@ async def run_case(engine: Engine, batch: int, plans, prompts, *, t0: float | No
             done_tokens_after.append((time.perf_counter(), len(ev.token_ids)))
         return n
 
-    steps = {"eager": [0, 0.0], "graph": [0, 0.0]}
-    eager_steps: list[tuple[int, float]] = []  # (tokens, seconds) of each eager step
-    prompt_graph_steps: list[tuple[int, float]] = []  # same, steps with prompt rows in a graph
-    runner = engine.runner
-    execute, prepare, prepared = runner.execute, runner._prepare, []
-
-    def flagged_prepare(*a):  # only eager steps build their inputs here
-        prepared.append(True)
-        return prepare(*a)
-
-    def timed(batch_, **kw):  # time spent in the runner per step kind
-        t = time.perf_counter()
-        try:
-            return execute(batch_, **kw)
-        finally:
-            dt = time.perf_counter() - t
-            eager, tokens = bool(prepared), sum(n for _, n in batch_.entries)
-            prepared.clear()
-            kind = steps["eager" if eager else "graph"]
-            kind[0] += 1
-            kind[1] += dt
-            if eager:
-                eager_steps.append((tokens, round(dt, 4)))
-            elif tokens > len(batch_.entries):
-                prompt_graph_steps.append((tokens, round(dt, 4)))
-
-    runner.execute, runner._prepare = timed, flagged_prepare
     t0 = t0 or time.perf_counter()
-    try:
+    with StepTimer(engine) as timer:
         counts = await asyncio.gather(*(one(i) for i in range(batch)))
-    finally:
-        runner.execute, runner._prepare = execute, prepare
     t1 = time.perf_counter()
+    eager = [st for st in timer.steps if st.kind == "eager"]
+    graph = [st for st in timer.steps if st.kind != "eager"]
     t_all_started = max(first)
     decode_tokens = sum(n for t, n in done_tokens_after if t > t_all_started)
     return {
@@ -164,14 +207,16 @@ async def run_case(engine: Engine, batch: int, plans, prompts, *, t0: float | No
         "tok_s": sum(counts) / (t1 - t0),
         "decode_tok_s": decode_tokens / (t1 - t_all_started),
         "until_all_started_s": round(t_all_started - t0, 3),
-        # steps with prefill tokens (eager) and pure decode steps: count, seconds in the runner
-        "eager_steps": steps["eager"][0],
-        "eager_s": round(steps["eager"][1], 3),
-        "eager_each_s": eager_steps,  # (tokens, seconds) per eager step
-        # graph replays: decode steps and small steps with prompt rows (also listed apart)
-        "decode_steps": steps["graph"][0],
-        "decode_s": round(steps["graph"][1], 3),
-        "prompt_graph_each_s": prompt_graph_steps,
+        # eager steps and graph replays (decode steps and small steps with prompt rows, the
+        # latter also listed apart): count, seconds in the runner, (tokens, seconds) each
+        "eager_steps": len(eager),
+        "eager_s": round(sum(st.seconds for st in eager), 3),
+        "eager_each_s": [(st.tokens, round(st.seconds, 4)) for st in eager],
+        "decode_steps": len(graph),
+        "decode_s": round(sum(st.seconds for st in graph), 3),
+        "prompt_graph_each_s": [
+            (st.tokens, round(st.seconds, 4)) for st in graph if st.kind == "prompt_graph"
+        ],
     }
 
 
