@@ -97,14 +97,22 @@ class DecoderLayer(nn.Module):
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, d)
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, kv_cache, ctx: StepContext) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache, ctx: StepContext, down: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream [T, hidden]; down: the previous layer's down projection, not
+        yet added (None before the first layer). Returns (x, this layer's down projection):
+        each residual add is done by the norm that follows it (one launch on CUDA)."""
         t = x.shape[0]
         # In a captured step each projection's LoRA delta is added by the ops that consume
         # the projection (the RoPE launch, v's delta too; the residual adds; the SiLU-and-mul),
         # so that the delta's kernels run beside the GEMMs (kernels.linear_beside_lora); in
         # eager steps the qkv and gate/up deltas come back inside the projections. x, this
         # layer's own residual stream, takes the o and down deltas in place, in both.
-        h = self.input_layernorm(x)
+        if down is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = self.input_layernorm(x, down)
         qkv, delta = self.qkv_proj.forward_beside(h, ctx.lora)
         sizes = [self.q_size, self.kv_size, self.kv_size]
         q, k, v = qkv.split(sizes, dim=-1)
@@ -117,11 +125,11 @@ class DecoderLayer(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k, v = self.rotary(ctx.positions, q, k, v, dq, dk, dv)
-        a = self.attn(q, k, v, kv_cache, ctx).reshape(t, self.q_size)
+        # RoPE writes k and v to the cache too (one launch on CUDA, not three)
+        q, k, v = self.rotary(ctx.positions, q, k, v, dq, dk, dv, kv_cache, ctx.slot_mapping)
+        a = self.attn(q, k, v, kv_cache, ctx, write_kv=False).reshape(t, self.q_size)
         o, x = self.o_proj.forward_beside(a, ctx.lora, into=x)
-        x = x + o
-        h = self.post_attention_layernorm(x)
+        x, h = self.post_attention_layernorm(x, o)
         gate_up, delta = self.gate_up_proj.forward_beside(h, ctx.lora)
         if gate_up.is_cuda:
             act = silu_and_mul(gate_up, delta)
@@ -129,7 +137,7 @@ class DecoderLayer(nn.Module):
             gate, up = (gate_up if delta is None else gate_up + delta).chunk(2, dim=-1)
             act = F.silu(gate) * up
         down, x = self.down_proj.forward_beside(act, ctx.lora, into=x)
-        return x + down
+        return x, down
 
 
 class CausalLM(nn.Module):
@@ -191,10 +199,10 @@ class CausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """input_ids: [T] -> final hidden states [T, hidden] (normed)."""
-        x = self.embed_tokens(input_ids)
+        x, down = self.embed_tokens(input_ids), None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, kv, ctx)
-        return self.norm(x)
+            x, down = layer(x, kv, ctx, down)
+        return self.norm(x, down)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_weight).float()

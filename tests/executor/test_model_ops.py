@@ -84,6 +84,15 @@ def test_fused_ops_equal_torch():
     w = torch.randn(40, generator=g)
     ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
     torch.testing.assert_close(fused_ops.rms_norm(x, w, 1e-6), ref, atol=1e-5, rtol=1e-5)
+    # the residual add and the norm in one launch, fp16 so that the sum's rounding shows
+    xh, rh, wh = x.half(), torch.randn(5, 40, generator=g).half(), w.half()
+    total, normed = fused_ops.add_rms_norm(xh, rh, wh, 1e-6)
+    assert torch.equal(total, xh + rh)
+    tf = (xh + rh).float()
+    ref = wh * (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + 1e-6)).half()
+    torch.testing.assert_close(normed, ref, atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="residual must match"):
+        fused_ops.add_rms_norm(xh, rh[:, :39], wh, 1e-6)
     gu = torch.randn(5, 2 * 37, generator=g)
     torch.testing.assert_close(fused_ops.silu_and_mul(gu), F.silu(gu[:, :37]) * gu[:, 37:])
     d = torch.randn(5, 2 * 37, generator=g)  # a gate/up LoRA delta kept apart
@@ -114,6 +123,20 @@ def test_fused_ops_equal_torch():
         fused_ops.rope_qkv(q, k, v, pos, cos, sin, dq[:, :2], dk, dv)
     with pytest.raises(ValueError, match="together"):
         fused_ops.rope_qkv(q, k, v, pos, cos, sin, dq, dk)
+    # ... and the KV cache write in the same launch: rows `slots` get k' and v', others keep
+    # what they held
+    slots = torch.tensor([6, 0, 3, 9, 4])
+    for deltas in ((None, None, None), (dq, dk, dv)):
+        cache = (torch.full((11, 2, 16), 7.0), torch.full((11, 2, 16), 7.0))
+        qo, ko, vo = fused_ops.rope_qkv(q, k, v, pos, cos, sin, *deltas, cache, slots)
+        k_want = torch.full((11, 2, 16), 7.0).index_copy_(0, slots, ko)
+        v_want = torch.full((11, 2, 16), 7.0).index_copy_(0, slots, vo)
+        assert torch.equal(cache[0], k_want) and torch.equal(cache[1], v_want)
+    with pytest.raises(ValueError, match="kv_cache must be"):
+        fused_ops.rope_qkv(q, k, v, pos, cos, sin, kv_cache=cache, slots=slots[:4])
+    with pytest.raises(ValueError, match="kv_cache must be"):
+        fused_ops.rope_qkv(q, k, v, pos, cos, sin, kv_cache=(cache[0], cache[1][:, :1]),
+                           slots=slots)  # fmt: skip
 
 
 def _fresh(start: int, length: int) -> PrefillChunk:

@@ -32,11 +32,16 @@ class PagedAttention(nn.Module):
         v: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         ctx: StepContext,
+        *,
+        write_kv: bool = True,
     ) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] (rotated); writes k/v to the cache; -> [T, Hq, D]."""
+        """q: [T, Hq, D], k/v: [T, Hkv, D] (rotated) -> [T, Hq, D]. Writes k/v to the cache
+        rows ``ctx.slot_mapping`` first, unless ``write_kv`` is False (the caller's RoPE
+        launch wrote them: executor_svc.model.layers.rotary)."""
         k_cache, v_cache = kv_cache
-        k_cache.index_copy_(0, ctx.slot_mapping, k)
-        v_cache.index_copy_(0, ctx.slot_mapping, v)
+        if write_kv:
+            k_cache.index_copy_(0, ctx.slot_mapping, k)
+            v_cache.index_copy_(0, ctx.slot_mapping, v)
         nd = ctx.num_decode
         if not ctx.prefills:
             return paged_decode(

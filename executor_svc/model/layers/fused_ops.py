@@ -37,6 +37,27 @@ def _rms_norm_kernel(X, W, Y, stride_x, stride_y, n, eps, BLOCK: tl.constexpr):
 _launch_rms_norm = Launcher(_rms_norm_kernel)
 
 
+@triton.jit
+def _add_rms_norm_kernel(
+    X, R, S, W, Y, stride_x, stride_r, stride_s, stride_y, n, eps, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    total = (x + r).to(S.dtype.element_ty)  # rounded as the stored sum (torch's x + r)
+    tl.store(S + row * stride_s + cols, total, mask=mask)
+    t = total.to(tl.float32)
+    var = tl.sum(t * t, 0) / n
+    normed = (t * tl.rsqrt(var + eps)).to(Y.dtype.element_ty)
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    tl.store(Y + row * stride_y + cols, normed * w, mask=mask)
+
+
+_launch_add_rms_norm = Launcher(_add_rms_norm_kernel)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x)
     n = x.shape[-1]
@@ -49,12 +70,54 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next RMSNorm in one launch (a program per row).
+
+    Semantics:
+        s = x + residual                  (rounded to x's dtype, as torch's add)
+        y = rms_norm(s, weight, eps)
+        returns (s, y), new tensors
+
+    x, residual: [T, n] of one dtype, unit last stride. A decoder layer's two adds were a
+    launch each, 1.5 us apiece at decode sizes (docs/benchmarks.md, twelfth pass).
+    """
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(-1) != 1:
+        raise ValueError(f"add_rms_norm: residual must match x {list(x.shape)} {x.dtype}")
+    s = torch.empty_like(x)
+    y = torch.empty_like(x)
+    n = x.shape[-1]
+    if x.shape[0]:
+        _launch_add_rms_norm(
+            (x.shape[0],),
+            (
+                x,
+                residual,
+                s,
+                weight,
+                y,
+                x.stride(0),
+                residual.stride(0),
+                s.stride(0),
+                y.stride(0),
+                n,
+                eps,
+            ),  # fmt: skip
+            {"BLOCK": triton.next_power_of_2(n)},
+            {"num_warps": 8},
+        )
+    return s, y
+
+
 @triton.jit
 def _rotate_heads(
-    X, D, Out, t, cos, sin, sxt, sxh, sdt, sdh, sot, soh, n_heads,
+    X, D, Out, C, t, row, cos, sin, sxt, sxh, sdt, sdh, sot, soh, sct, n_heads,
     HALF: tl.constexpr, HP: tl.constexpr, BLOCK_H: tl.constexpr, ADD: tl.constexpr,
+    CACHE: tl.constexpr,
 ):  # fmt: skip
-    """Row t of x [T, H, 2 * HALF] (+ d) rotated into Out; fp32 inside, rounded once."""
+    """Row t of x [T, H, 2 * HALF] (+ d) rotated into Out, and into row ``row`` of the cache C
+    ([rows, H, 2 * HALF], heads contiguous) when CACHE; fp32 inside, rounded once."""
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, HP)
     m = (h < n_heads)[:, None] & (d < HALF)[None, :]
@@ -67,34 +130,47 @@ def _rotate_heads(
         d2 = tl.load(dbase + HALF, mask=m, other=0.0).to(tl.float32)
         x1 = (x1 + d1).to(Out.dtype.element_ty).to(tl.float32)
         x2 = (x2 + d2).to(Out.dtype.element_ty).to(tl.float32)
+    lo = (x1 * cos - x2 * sin).to(Out.dtype.element_ty)
+    hi = (x2 * cos + x1 * sin).to(Out.dtype.element_ty)
     ob = Out + t * sot + h[:, None] * soh + d[None, :]
-    tl.store(ob, (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=m)
-    tl.store(ob + HALF, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=m)
+    tl.store(ob, lo, mask=m)
+    tl.store(ob + HALF, hi, mask=m)
+    if CACHE:
+        cb = C + row * sct + h[:, None] * (2 * HALF) + d[None, :]
+        tl.store(cb, lo, mask=m)
+        tl.store(cb + HALF, hi, mask=m)
 
 
 @triton.jit
 def _rope_qkv_kernel(
-    Q, K, V, DQ, DK, DV, QO, KO, VO, COS, SIN, POS,
-    sqt, sqh, skt, skh, svt, sdqt, sdqh, sdkt, sdkh, sdvt, sqot, sqoh, skot, skoh, svot,
+    Q, K, V, DQ, DK, DV, QO, KO, VO, KC, VC, SLOTS, COS, SIN, POS,
+    sqt, sqh, skt, skh, svt, sdqt, sdqh, sdkt, sdkh, sdvt, sqot, sqoh, skot, skoh, svot, sct,
     stride_c, n_q, n_kv,
     HALF: tl.constexpr, HP: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-    BLOCK_V: tl.constexpr, ADD: tl.constexpr,
+    BLOCK_V: tl.constexpr, ADD: tl.constexpr, CACHE: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     p = tl.load(POS + t)
+    row = 0
+    if CACHE:
+        row = tl.load(SLOTS + t)
     d = tl.arange(0, HP)
     cos = tl.load(COS + p * stride_c + d, mask=d < HALF, other=0.0)[None, :]
     sin = tl.load(SIN + p * stride_c + d, mask=d < HALF, other=0.0)[None, :]
-    _rotate_heads(Q, DQ, QO, t, cos, sin, sqt, sqh, sdqt, sdqh, sqot, sqoh, n_q,
-                  HALF, HP, BLOCK_HQ, ADD)  # fmt: skip
-    _rotate_heads(K, DK, KO, t, cos, sin, skt, skh, sdkt, sdkh, skot, skoh, n_kv,
-                  HALF, HP, BLOCK_HKV, ADD)  # fmt: skip
-    if ADD:  # v + dv (the value projection's LoRA delta), heads contiguous in a row
+    _rotate_heads(Q, DQ, QO, QO, t, row, cos, sin, sqt, sqh, sdqt, sdqh, sqot, sqoh, 0, n_q,
+                  HALF, HP, BLOCK_HQ, ADD, False)  # fmt: skip
+    _rotate_heads(K, DK, KO, KC, t, row, cos, sin, skt, skh, sdkt, sdkh, skot, skoh, sct, n_kv,
+                  HALF, HP, BLOCK_HKV, ADD, CACHE)  # fmt: skip
+    if ADD or CACHE:  # v + dv (the value projection's LoRA delta), heads contiguous in a row
         c = tl.arange(0, BLOCK_V)
         cm = c < n_kv * 2 * HALF
-        v = tl.load(V + t * svt + c, mask=cm, other=0.0).to(tl.float32)
-        dv = tl.load(DV + t * sdvt + c, mask=cm, other=0.0).to(tl.float32)
-        tl.store(VO + t * svot + c, (v + dv).to(VO.dtype.element_ty), mask=cm)
+        v = tl.load(V + t * svt + c, mask=cm, other=0.0)
+        if ADD:
+            dv = tl.load(DV + t * sdvt + c, mask=cm, other=0.0).to(tl.float32)
+            v = (v.to(tl.float32) + dv).to(VO.dtype.element_ty)
+            tl.store(VO + t * svot + c, v, mask=cm)
+        if CACHE:
+            tl.store(VC + row * sct + c, v, mask=cm)
 
 
 _launch_rope_qkv = Launcher(_rope_qkv_kernel)
@@ -110,15 +186,24 @@ def rope_qkv(
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
+    kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    slots: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RoPE of a layer's q and k, and the value delta, in one launch (a program per token).
+    """RoPE of a layer's q and k, the value delta and the KV cache write, in one launch (a
+    program per token).
+
+    Semantics:
+        q', k', v' = rotate(q + dq), rotate(k + dk), v + dv   (each sum rounded to the dtype)
+        k_cache[slots[t]], v_cache[slots[t]] = k'[t], v'[t]   for every token t (kv_cache given)
 
     q: [T, Hq, D], k and v: [T, Hkv, D] (any token/head strides, unit last stride; v's heads
     contiguous within a token: views of the fused qkv output); cos/sin: [max_pos, D] fp32.
     dq, dk, dv (all or none; shaped and typed as q, k, v, any strides as those): a qkv LoRA
-    delta the projection left apart (kernels.linear_beside_lora). Returns (rotate(q + dq),
-    rotate(k + dk), v + dv), each sum rounded to the dtype first, as if stored; q and k
-    new contiguous tensors; v itself when dv is None.
+    delta the projection left apart (kernels.linear_beside_lora). kv_cache: the layer's
+    (k_cache, v_cache), each [rows, Hkv, D] contiguous, k's dtype; slots: [T] int64, the
+    cache row of each token (a decode step's two index_copy launches were 6 us a layer, on
+    the critical path). Returns (q', k', v'): q' and k' new contiguous tensors; v' is v
+    itself when dv is None.
     """
     t, hq, hd = q.shape
     hkv = k.shape[1]
@@ -133,9 +218,21 @@ def rope_qkv(
     for x in (v, dv):
         if x is not None and (x.stride(2) != 1 or x.stride(1) != hd):
             raise ValueError("rope_qkv: v's heads must be contiguous within a token")
+    if kv_cache is not None and (
+        slots is None
+        or slots.shape != (t,)
+        or any(
+            c.shape[1:] != (hkv, hd) or c.dtype != k.dtype or not c.is_contiguous()
+            for c in kv_cache
+        )  # fmt: skip
+        or kv_cache[0].shape != kv_cache[1].shape
+    ):
+        raise ValueError("rope_qkv: kv_cache must be two contiguous [rows, Hkv, D] caches "
+                         "of k's dtype, with a [T] slots tensor")  # fmt: skip
     qo = torch.empty(t, hq, hd, dtype=q.dtype, device=q.device)
     ko = torch.empty(t, hkv, hd, dtype=k.dtype, device=k.device)
     vo = v if dv is None else torch.empty(t, hkv, hd, dtype=v.dtype, device=v.device)
+    kc, vc = (ko, vo) if kv_cache is None else kv_cache
     if t:
         dq, dk, dv = (q, k, v) if dq is None else (dq, dk, dv)
         _launch_rope_qkv(
@@ -150,6 +247,9 @@ def rope_qkv(
                 qo,
                 ko,
                 vo,
+                kc,
+                vc,
+                positions if slots is None else slots,
                 cos,
                 sin,
                 positions,
@@ -168,6 +268,7 @@ def rope_qkv(
                 ko.stride(0),
                 ko.stride(1),
                 vo.stride(0),
+                kc.stride(0),
                 cos.stride(0),
                 hq,
                 hkv,
@@ -179,6 +280,7 @@ def rope_qkv(
                 "BLOCK_HKV": triton.next_power_of_2(hkv),
                 "BLOCK_V": triton.next_power_of_2(hkv * hd),
                 "ADD": deltas[0] is not None,
+                "CACHE": kv_cache is not None,
             },
             {"num_warps": 4},
         )

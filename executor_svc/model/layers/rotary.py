@@ -50,18 +50,26 @@ class RotaryEmbedding(nn.Module):
         dq: torch.Tensor | None = None,
         dk: torch.Tensor | None = None,
         dv: torch.Tensor | None = None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        slots: torch.Tensor | None = None,
     ):
         """q: [T, Hq, D], k and v: [T, Hkv, D]; positions: [T] int64. Returns rotated (q, k)
         and v, of q + dq, k + dk and v + dv where given (a qkv LoRA delta kept apart: the
-        CUDA path adds it inside its one launch)."""
+        CUDA path adds it inside its one launch); with ``kv_cache`` ([rows, Hkv, D] each)
+        also writes the returned k and v to rows ``slots`` ([T] int64) of the cache (on CUDA
+        in the same launch)."""
         if q.is_cuda:
-            return rope_qkv(q, k, v, positions, self.cos, self.sin, dq, dk, dv)
+            return rope_qkv(q, k, v, positions, self.cos, self.sin, dq, dk, dv, kv_cache, slots)
         q = q if dq is None else q + dq
         k = k if dk is None else k + dk
         v = v if dv is None else v + dv
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if kv_cache is not None:
+            kv_cache[0].index_copy_(0, slots, k)
+            kv_cache[1].index_copy_(0, slots, v)
+        return q, k, v
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
