@@ -14,6 +14,8 @@ Prints JSON lines, never asserts on time:
   it, per case, attention by SDPA calls or by the paged prefill kernel; ``prefill_calls``:
   the host cost of one eager add_lora call, and ``prefill_cprofile`` the functions that
   spend the host time of the 8-adapter step;
+- ``beside_gemm``: whole captured decode steps with 8 distinct adapters for every choice of
+  the projection families whose delta runs beside our skinny GEMM rather than cuBLAS's;
 - ``timeline``: a CUPTI trace of captured decode steps (torch.profiler over graph replays):
   per kernel class (gemm, lora, memset, other) the summed kernel time and how much of it
   ran beside a GEMM, and the step's span, busy time (union of kernels) and idle gaps.
@@ -155,8 +157,31 @@ def _overlap(span: tuple[float, float], union: list[tuple[float, float]]) -> flo
     return sum(max(0.0, min(span[1], b) - max(span[0], a)) for a, b in union)
 
 
-def profile_timeline(engine: Engine, batches: list[int], replays: int = 5) -> None:
-    """Kernel time per class in a captured decode step, and how much of it hides beside GEMMs."""
+def dump_layer(step: list, b: int, case: str, layer: int) -> None:
+    """Every kernel of one decoder layer of a traced step, in start order: its stream, start
+    (us from the layer's first kernel), duration and class (``timeline_layer`` rows). A layer
+    opens with its input RMSNorm, the first of two ``_rms_norm_kernel`` launches a layer."""
+    norms = [i for i, k in enumerate(step) if "_rms_norm_kernel" in k[3]]
+    if len(norms) < 2 * layer + 3:
+        emit(bench="timeline_layer", batch=b, case=case, error=f"{len(norms)} norms traced")
+        return
+    lo, hi = norms[2 * layer], norms[2 * layer + 2]
+    t0 = step[lo][0]
+    streams: dict = {}
+    for a, e, cat, n, tid in step[lo:hi]:
+        emit(bench="timeline_layer", batch=b, case=case, layer=layer,
+             stream=streams.setdefault(tid, len(streams)), start_us=round(a - t0, 1),
+             dur_us=round(e - a, 1), cls="memset" if cat == "gpu_memset" else _kernel_class(n),
+             name=n[:48])  # fmt: skip
+    emit(bench="timeline_layer_span", batch=b, case=case, layer=layer,
+         span_us=round(step[hi][0] - t0, 1))  # fmt: skip
+
+
+def profile_timeline(
+    engine: Engine, batches: list[int], replays: int = 5, layer: int | None = None
+) -> None:
+    """Kernel time per class in a captured decode step, and how much of it hides beside GEMMs;
+    with ``layer``, that layer's kernels one by one (:func:`dump_layer`)."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
@@ -179,7 +204,7 @@ def profile_timeline(engine: Engine, batches: list[int], replays: int = 5) -> No
                 prof.export_chrome_trace(f.name)
                 trace = json.loads(Path(f.name).read_text())
             kernels = [
-                (e["ts"], e["ts"] + e["dur"], e.get("cat", ""), e.get("name", ""))
+                (e["ts"], e["ts"] + e["dur"], e.get("cat", ""), e.get("name", ""), e.get("tid"))
                 for e in trace.get("traceEvents", [])
                 if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")
             ]
@@ -197,14 +222,16 @@ def profile_timeline(engine: Engine, batches: list[int], replays: int = 5) -> No
             steps.append(cur)
             rows = []
             for step in steps:
-                gemm_union = _union([(a, e) for a, e, _, n in step if _kernel_class(n) == "gemm"])
-                busy = _union([(a, e) for a, e, _, _ in step])
+                gemm_union = _union(
+                    [(a, e) for a, e, _, n, _ in step if _kernel_class(n) == "gemm"]
+                )
+                busy = _union([(a, e) for a, e, *_ in step])
                 span = step[-1][1] - step[0][0]
                 row = {"span_us": span, "busy_us": sum(e - a for a, e in busy)}
                 for cls in ("gemm", "lora", "memset", "other"):
                     ks = [
                         (a, e)
-                        for a, e, cat, n in step
+                        for a, e, cat, n, _ in step
                         if (cls == "memset" and cat == "gpu_memset")
                         or (cat == "kernel" and _kernel_class(n) == cls)
                     ]
@@ -215,14 +242,75 @@ def profile_timeline(engine: Engine, batches: list[int], replays: int = 5) -> No
                 rows.append(row)
             med = {k: round(statistics.median(r[k] for r in rows), 1) for k in rows[0]}
             emit(bench="timeline", batch=b, case=case, steps=len(rows), **med)
+            if layer is not None:
+                dump_layer(steps[len(steps) // 2], b, case, layer)
             lora = {}
             for step in steps[len(steps) // 2 : len(steps) // 2 + 1]:
-                for a, e, _, n in step:
+                for a, e, _, n, _ in step:
                     if _kernel_class(n) == "lora":
                         lora.setdefault(n[:40], []).append(e - a)
             for n, ds in lora.items():
                 emit(bench="timeline_lora_kernel", batch=b, case=case, name=n, n=len(ds),
                      mean_us=round(statistics.mean(ds), 2), max_us=round(max(ds), 2))  # fmt: skip
+
+
+# (out, in) of the 7B shape's projection families, as the GEMM beside their delta sees them
+FAMILIES = {
+    "qkv": (12288, 4096),
+    "o": (4096, 4096),
+    "gate_up": (22016, 4096),
+    "down": (4096, 11008),
+}
+
+
+def profile_beside_gemm(
+    engine: Engine,
+    batches: list[int],
+    context: int,
+    combos: list[str] | None = None,
+    cases: tuple[str, ...] = ("8_distinct",),
+    rounds: int = 3,
+) -> None:
+    """Whole captured decode steps with adapters, for each choice of the projection families
+    that run our skinny GEMM beside their delta (the rest cuBLAS's; ``combos`` as "o+down",
+    "cublas" for none; default every subset), in rounds so that drift spreads over all
+    choices (``beside_gemm`` rows, graph replay ms)."""
+    import itertools
+
+    import kernels.linear_lora_op as op
+
+    runner = engine.runner
+    chosen: set = set()
+    default = op._triton_gemm_beside
+    op._triton_gemm_beside = lambda x, w: tuple(w.shape) in chosen and x.shape[0] <= 64
+    if combos is None:
+        combos = [
+            "+".join(c) or "cublas"
+            for n in range(len(FAMILIES) + 1)
+            for c in itertools.combinations(FAMILIES, n)
+        ]
+    try:
+        for b in batches:
+            set_context(engine, b, context)
+            times: dict = {}
+            for _ in range(rounds):
+                times.setdefault(("none", "no_adapter"), []).append(
+                    replay_ms(runner.graphs[(b, 0, 0)].graph)
+                )
+                for case in cases:
+                    _, host = decode_graph(engine, case, b, runner.tile_pads[b])
+                    for combo in combos:
+                        chosen.clear()
+                        chosen.update(FAMILIES[f] for f in combo.split("+") if f != "cublas")
+                        g = runner.capture_decode(b, 1, host.grid_tiles)
+                        runner.send_meta(g, host)
+                        times.setdefault((combo, case), []).append(replay_ms(g.graph))
+                        del g
+            for (name, case), ts in times.items():
+                emit(bench="beside_gemm", batch=b, context=context, case=case, triton_for=name,
+                     ms=[round(t, 3) for t in ts], median=round(statistics.median(ts), 3))  # fmt: skip
+    finally:
+        op._triton_gemm_beside = default
 
 
 def profile_host(engine: Engine, batches: list[int]) -> None:
@@ -418,6 +506,13 @@ async def main() -> None:
         "129-256)",
     )
     # also: timeline (a CUPTI trace of decode graph replays)
+    ap.add_argument("--beside-combos", nargs="+", help="beside_gemm: e.g. cublas o+down")
+    ap.add_argument("--beside-cases", nargs="+", default=["8_distinct"])
+    ap.add_argument(
+        "--dump-layer",
+        type=int,
+        help="timeline: also print every kernel of this decoder layer (stream, start, duration)",
+    )
     ap.add_argument(
         "--decode-max-splits",
         type=int,
@@ -456,7 +551,13 @@ async def main() -> None:
         ("host", profile_host),
         ("projections", profile_projections),
         ("prefill", lambda e, _b: profile_prefill(e)),
-        ("timeline", profile_timeline),
+        ("timeline", lambda e, b: profile_timeline(e, b, layer=args.dump_layer)),
+        (
+            "beside_gemm",
+            lambda e, b: profile_beside_gemm(
+                e, b, args.contexts[-1], args.beside_combos, tuple(args.beside_cases)
+            ),
+        ),
     ):
         if part in args.only:
             fn(engine, args.batches)

@@ -101,13 +101,15 @@ def fused_max_tokens(device: torch.device | str, lora: bool) -> int:
     return int(limits.get("lora" if lora else "base", 0))
 
 
-def beside_triton_gemm_tokens(device: torch.device | str) -> list[tuple[int, int]]:
-    """Token ranges ``[(lo, hi), ...]`` (inclusive) in which :func:`kernels.linear_beside_lora`
-    runs the base GEMM as our skinny Triton GEMM instead of cuBLAS while the delta's kernels
-    run beside it (``beside_triton_gemm_tokens`` in the GPU's config; none without one).
-    Measured per GPU: docs/benchmarks.md, ninth pass."""
-    ranges = load_config(gpu_config_name(device)).get("beside_triton_gemm_tokens", [])
-    return [(int(lo), int(hi)) for lo, hi in ranges]
+def beside_triton_gemm_tokens(device: torch.device | str) -> list[tuple[int, int, int | None]]:
+    """Where :func:`kernels.linear_beside_lora` runs the base GEMM as our skinny Triton GEMM
+    instead of cuBLAS while the delta's kernels run beside it: ``[(lo, hi, max_out), ...]``,
+    token counts lo..hi (inclusive) for projections of at most ``max_out`` output features
+    (None: any width). From ``beside_triton_gemm_tokens`` in the GPU's config, entries
+    ``[lo, hi]`` or ``[lo, hi, max_out]``; none without a config. Measured per GPU:
+    docs/benchmarks.md, ninth and twelfth passes."""
+    entries = load_config(gpu_config_name(device)).get("beside_triton_gemm_tokens", [])
+    return [(int(e[0]), int(e[1]), int(e[2]) if len(e) > 2 else None) for e in entries]
 
 
 def block_m_for(num_tokens: int, device: torch.device | str) -> int:

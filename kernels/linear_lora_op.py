@@ -125,7 +125,7 @@ def linear_beside_lora(
         if head is not None:
             head.zero_()
         add_lora(into, x, lora_a, lora_b, ranks, scales, meta)
-    if _triton_gemm_beside(x):
+    if _triton_gemm_beside(x, weight):
         y = fused_linear_lora(x, weight, bias, None, None, None, None, None)
     else:
         y = F.linear(x, weight, bias)
@@ -133,19 +133,23 @@ def linear_beside_lora(
     return y, into
 
 
-def _triton_gemm_beside(x: torch.Tensor) -> bool:
+def _triton_gemm_beside(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the branch's base GEMM is our skinny Triton GEMM (kernels.fused_linear_lora
-    without a delta) rather than cuBLAS. Measured on the H100 at 64 tokens with 8 adapters
-    (a CUPTI trace of the captured 7B decode step): beside cuBLAS's GEMMs 4.3 of the LoRA
-    kernels' 5.0 ms ran beside a GEMM, the rest after it, on the step's critical path; beside
-    ours all of them did, and the step took 7.16-7.23 ms instead of 7.49-7.65. At 8-32 tokens
-    cuBLAS did better (docs/benchmarks.md, ninth pass). Where: the GPU config's
-    ``beside_triton_gemm_tokens``; LORASERVE_KERNELS_BESIDE_GEMM=triton (up to 64 tokens) or
-    =cublas overrides it (A/B measurements)."""
+    without a delta) rather than cuBLAS, by token count and output width: the GPU config's
+    ``beside_triton_gemm_tokens``. Measured on the H100 in whole captured 7B decode steps
+    with 8 adapters (docs/benchmarks.md, ninth and twelfth passes): beside cuBLAS's GEMMs
+    the delta's kernels of the 4096-wide projections (o, down) ran partly after the GEMM, on
+    the step's critical path, at every batch of 8-64 (ours: b32 7.69 -> 7.56 ms); the wide
+    ones (qkv, gate/up) did better beside cuBLAS's below 48 tokens.
+    LORASERVE_KERNELS_BESIDE_GEMM=triton (up to 64 tokens) or =cublas overrides it (A/B
+    measurements)."""
     forced = os.environ.get("LORASERVE_KERNELS_BESIDE_GEMM")
     if forced == "cublas":
         return False
     t = x.shape[0]
     if forced == "triton":
         return t <= 64
-    return any(lo <= t <= hi for lo, hi in beside_triton_gemm_tokens(x.device))
+    return any(
+        lo <= t <= hi and (max_out is None or weight.shape[0] <= max_out)
+        for lo, hi, max_out in beside_triton_gemm_tokens(x.device)
+    )

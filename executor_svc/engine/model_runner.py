@@ -433,28 +433,34 @@ class ModelRunner:
             self.tile_pads[b] = tile_pads(b) if lora else []
             modes = [(0, 0)] + [(k, pad) for k in (1, MAX_K) for pad in self.tile_pads[b]]
             for k, pad in modes:
-                meta = None
-                if k:  # one active token: one tile, whatever the pad
-                    slots = torch.full((b, k), -1, dtype=torch.int32)
-                    slots[0, 0] = 0
-                    meta = build_lora_meta(
-                        slots,
-                        (slots >= 0).float(),
-                        self.model.num_slots,
-                        dev,
-                        pad_tiles_to=pad,
-                        mode=GRAPH_META_MODE,
-                    )
-                ctx = self._graph_ctx(b, meta)
-                with overlapped():  # compile the Triton kernels outside the capture
-                    for _ in range(2):
-                        self._graph_body(b, ctx)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._graph_body(b, ctx)
-                self.graphs[(b, k, pad)] = _Graph(graph, b, meta)
+                self.graphs[(b, k, pad)] = self.capture_decode(b, k, pad, pool)
         torch.cuda.synchronize()
+
+    def capture_decode(self, b: int, k: int, pad: int, pool=None) -> _Graph:
+        """Capture the decode step of ``b`` rows with LoRA metadata for ``k`` adapters a token
+        over ``pad`` tiles (k = 0: no adapter), into memory pool ``pool`` (None: a new one).
+        The graph reads the runner's static input buffers and its own metadata buffers."""
+        meta = None
+        if k:  # one active token: one tile, whatever the pad
+            slots = torch.full((b, k), -1, dtype=torch.int32)
+            slots[0, 0] = 0
+            meta = build_lora_meta(
+                slots,
+                (slots >= 0).float(),
+                self.model.num_slots,
+                self.device,
+                pad_tiles_to=pad,
+                mode=GRAPH_META_MODE,
+            )
+        ctx = self._graph_ctx(b, meta)
+        with overlapped():  # compile the Triton kernels outside the capture
+            for _ in range(2):
+                self._graph_body(b, ctx)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self._graph_body(b, ctx)
+        return _Graph(graph, b, meta)
 
     def _decode_meta(self, plans: list[Plan], b: int, mode: int) -> _Graph:
         """The graph for this decode batch's plans, its LoRA metadata buffers holding them.

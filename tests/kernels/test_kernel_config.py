@@ -35,8 +35,10 @@ def test_config_file_schema(path) -> None:
         assert _pow2(e["num_warps"]) and e["num_stages"] >= 1 and e["max_tokens"] >= 1
     # where our skinny GEMM runs, its fused entries must cover the token counts
     most = max((e["max_tokens"] for e in cfg.get("fused", [])), default=0)
-    for lo, hi in cfg.get("beside_triton_gemm_tokens", []):
-        assert 1 <= lo <= hi <= most
+    for entry in cfg.get("beside_triton_gemm_tokens", []):
+        lo, hi, *max_out = entry
+        assert 1 <= lo <= hi <= most and len(max_out) <= 1
+        assert all(m >= 1 for m in max_out)
     assert cfg.get("fused_max_tokens", {}).get("base", 0) <= most
 
 
