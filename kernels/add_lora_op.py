@@ -22,8 +22,11 @@ def add_lora(
     *,
     shrink_config: dict | None = None,
     expand_config: dict | None = None,
+    store: bool = False,
 ) -> None:
-    """y += the LoRA delta of every token's weighted adapters, for every output slice.
+    """y += the LoRA delta of every token's weighted adapters, for every output slice (with
+    ``store``, y = the delta on the rows of tokens with adapters, without reading y; the rows
+    of base-only tokens are left as they are).
 
     Semantics:
         for t in range(num_tokens):
@@ -48,6 +51,7 @@ def add_lora(
         scales: [n_slices, slots] float32, contiguous.
         meta: from :func:`kernels.build_lora_meta` for this step, on the same device.
         shrink_config, expand_config: override the tuned launch parameters (for sweeps).
+        store: see above (a fresh delta buffer: kernels.linear_beside_lora).
     """
     if len(lora_a) != len(lora_b):
         raise ValueError(f"{len(lora_a)} A slices but {len(lora_b)} B slices")
@@ -60,4 +64,4 @@ def add_lora(
     if meta.num_active == 0:
         return
     h = lora_shrink(x, lora_a, ranks, meta, config=shrink_config)
-    lora_expand(y, h, lora_b, ranks, scales, meta, config=expand_config)
+    lora_expand(y, h, lora_b, ranks, scales, meta, config=expand_config, store=store)

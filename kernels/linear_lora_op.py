@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from kernels.add_lora_op import add_lora
 from kernels.config import beside_triton_gemm_tokens
 from kernels.fused_linear_lora_op import fused_linear_lora
+from kernels.lora_expand_op import zero_rows_without_lora
 from kernels.metadata import LoraBatchMeta
 
 # LORASERVE_KERNELS_BRANCH=0 keeps the LoRA kernels on the calling stream (A/B measurements).
@@ -116,15 +117,20 @@ def linear_beside_lora(
     side = _side_stream(x.device)
     side.wait_stream(main)  # x, into and the metadata are written on main
     with torch.cuda.stream(side):
-        # Every branch starts with a small kernel before the shrink: the fill of a fresh
-        # buffer, else a one-word fill. Measured (docs/benchmarks.md, fifth pass), the GEMM
-        # then takes the SMs first and the LoRA kernels run in its gaps: a 7B decode step with
-        # 8 adapters 7.02 -> 6.81 ms (b32), 7.57 -> 7.50 (b64) against branches that open
-        # with the shrink (whose many small programs then delay the GEMM's start).
-        head = into if fresh else _head_word(x.device)
-        if head is not None:
-            head.zero_()
-        add_lora(into, x, lora_a, lora_b, ranks, scales, meta)
+        # Every branch starts with a small kernel before the shrink. Measured (docs/
+        # benchmarks.md, fifth pass), the GEMM then takes the SMs first and the LoRA kernels
+        # run in its gaps: a 7B decode step with 8 adapters 7.02 -> 6.81 ms (b32), 7.57 ->
+        # 7.50 (b64) against branches that open with the shrink (whose many small programs
+        # then delay the GEMM's start). A fresh buffer's head zeroes the rows of base-only
+        # tokens and the expand stores the others (no fill of the whole buffer, no read of
+        # it: twelfth pass); else a one-word fill.
+        if fresh:
+            zero_rows_without_lora(into, meta)
+        else:
+            head = _head_word(x.device)
+            if head is not None:
+                head.zero_()
+        add_lora(into, x, lora_a, lora_b, ranks, scales, meta, store=fresh)
     if _triton_gemm_beside(x, weight):
         y = fused_linear_lora(x, weight, bias, None, None, None, None, None)
     else:

@@ -89,6 +89,7 @@ def _lora_expand_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    STORE: tl.constexpr,
 ):
     tile = tile_offset + tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
@@ -113,7 +114,8 @@ def _lora_expand_kernel(
         # are requested before waiting for the shrink's grid, so their latency overlaps it.
         y_tile = y_ptr + tok[:, None] * stride_yt + (col_off + offs_n)[None, :]
         y_mask = row_ok[:, None] & n_ok[None, :]
-        y_old = tl.load(y_tile, mask=y_mask, other=0.0)
+        if not STORE:
+            y_old = tl.load(y_tile, mask=y_mask, other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         # One dot per adapter of the tile: with a scalar slot, B's rows are contiguous along r
         # and its loads 16 bytes wide (a stacked, gathered tile's are not). The first rank
@@ -140,11 +142,15 @@ def _lora_expand_kernel(
                 )  # fmt: skip
         # The delta is rounded to y's dtype before it is added, as PEFT adds its lora_B output;
         # a delta kept in a buffer of its own (kernels.linear_beside_lora) then sums the same.
-        delta = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-        # A tile whose adapters all have rank 0 here (adapters without this module) leaves y
-        # untouched, bit for bit.
-        y_mask = y_mask & (max_rank > 0)
-        tl.store(y_tile, (y_old.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
+        delta = acc.to(y_ptr.dtype.element_ty)
+        if STORE:  # y's rows are the delta (zeros for adapters without this module)
+            tl.store(y_tile, delta, mask=y_mask)
+        else:
+            # A tile whose adapters all have rank 0 here (adapters without this module) leaves
+            # y untouched, bit for bit.
+            y_mask = y_mask & (max_rank > 0)
+            y_new = y_old.to(tl.float32) + delta.to(tl.float32)
+            tl.store(y_tile, y_new.to(y_ptr.dtype.element_ty), mask=y_mask)
     if USE_PDL:  # idle programs too: this grid never completes before the shrink's
         gdc_wait()
 
@@ -197,12 +203,15 @@ def lora_expand(
     *,
     config: dict | None = None,
     pdl: bool | None = None,
+    store: bool = False,
 ) -> None:
     """Up-project, weight, scale and add into y, in place, for every slice.
 
     Semantics:
         for s in range(n_slices):
             for t in range(num_tokens):
+                if store and token_slots[t, 0] >= 0:
+                    y[t, off_s:off_s + out_s] = 0     # (never read: stored, not added)
                 for k in range(max_k):
                     slot = token_slots[t, k]
                     if slot >= 0:
@@ -221,16 +230,20 @@ def lora_expand(
         config: launch parameters overriding the tuned ones (BLOCK_N, num_warps, num_stages).
         pdl: launch as a programmatic dependent of the previous kernel (the shrink), so that
             y and B are fetched while the shrink finishes; default: on Hopper and newer.
+        store: the rows of tokens with adapters are overwritten with their delta (y is not
+            read: a fresh delta buffer needs no zero fill, see :func:`zero_rows_without_lora`);
+            rows of base-only tokens are left as they are.
     """
     pdl = pdl_supported(y.device) if pdl is None else pdl and pdl_supported(y.device)
     key = None
     if config is None:  # a plan per operand layout, kept on the step's meta
         key = ("expand", y.shape, y.stride(), y.dtype, y.device, h.shape, h.stride(),
                ranks.shape, ranks.stride(), ranks.dtype, scales.shape, scales.stride(),
-               scales.dtype, pdl, *((b.shape, b.stride(), b.dtype, b.device) for b in lora_b))  # fmt: skip
+               scales.dtype, pdl, store,
+               *((b.shape, b.stride(), b.dtype, b.device) for b in lora_b))  # fmt: skip
         plan = meta.plans.get(key)
     if key is None or plan is None:
-        plan = _plan(y, h, lora_b, ranks, scales, meta, config, pdl)
+        plan = _plan(y, h, lora_b, ranks, scales, meta, config, pdl, store)
         if key is not None:
             meta.plans[key] = plan
     for g0, g1, ints, passes in plan:
@@ -247,7 +260,7 @@ def lora_expand(
             _launch_expand(grid, args, constexprs, options)
 
 
-def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool) -> list:
+def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, store: bool):
     """Validate the operands and work out the launches: per slice group (g0, g1, the int
     arguments after ``tile_offset``, [(grid, tile_offset, constexprs, options) per pass])."""
     check_meta(meta, y.device, "lora_expand")
@@ -300,9 +313,51 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool) -
                 UPCAST=INTERPRET,
                 DOT_PRECISION=dot_precision(y.dtype),
                 USE_PDL=first,
+                # the first pass holds every token with an adapter (column 0 of each), once
+                STORE=store and tile_offset == 0,
             )
             options = launch_options(y.device, cfg, dependent=first)
             passes.append(((n_tiles, n_blocks, g1 - g0), tile_offset, constexprs, options))
             tile_offset += n_tiles
         groups.append((g0, g1, ints, passes))
     return groups
+
+
+@triton.jit
+def _zero_rows_kernel(y_ptr, slots_ptr, stride_yt, stride_st, n, BLOCK_N: tl.constexpr):
+    t = tl.program_id(0)
+    if tl.load(slots_ptr + t * stride_st) < 0:  # sorted plans: slot -1 first = no adapter
+        offs = tl.arange(0, BLOCK_N)
+        zeros = tl.zeros([BLOCK_N], dtype=y_ptr.dtype.element_ty)
+        for n0 in range(0, n, BLOCK_N):
+            tl.store(y_ptr + t * stride_yt + n0 + offs, zeros, mask=n0 + offs < n)
+
+
+_launch_zero_rows = Launcher(_zero_rows_kernel)
+
+
+def zero_rows_without_lora(y: torch.Tensor, meta: LoraBatchMeta) -> None:
+    """Zero the rows of y whose tokens have no adapter, in place (one launch, a program per
+    row; rows of tokens with adapters are not touched).
+
+    Semantics:
+        for t in range(num_tokens):
+            if token_slots[t, 0] < 0:
+                y[t, :] = 0
+
+    With :func:`lora_expand`'s ``store`` mode this defines a fresh delta buffer everywhere
+    while writing each of its bytes once: a fill of the whole buffer and the expand's read of
+    it moved 4 bytes of bf16 per element more (docs/benchmarks.md, twelfth pass).
+    """
+    check_meta(meta, y.device, "zero_rows_without_lora")
+    if y.dim() != 2 or y.shape[0] != meta.num_tokens or y.stride(1) != 1:
+        raise ValueError(
+            f"zero_rows_without_lora: y must be [{meta.num_tokens}, n] with contiguous rows"
+        )
+    if y.shape[0]:
+        _launch_zero_rows(
+            (y.shape[0],),
+            (y, meta.token_slots, y.stride(0), meta.token_slots.stride(0), y.shape[1]),
+            {"BLOCK_N": 1024},
+            {"num_warps": 4},
+        )

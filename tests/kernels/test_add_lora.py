@@ -8,6 +8,7 @@ from kernels_assert import assert_close
 from kernels_cases import DTYPES, POPULARITY, Batch, make_batch
 
 from kernels import add_lora, add_lora_ref, build_lora_meta
+from kernels.lora_expand_op import zero_rows_without_lora
 
 
 def _run(b: Batch, device: torch.device, dtype: torch.dtype, **meta_kw) -> None:
@@ -186,6 +187,45 @@ def test_rows_above_a_rank_never_leak(device: torch.device) -> None:
     add_lora(y, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
     assert torch.equal(y[:, 24:], b.y[:, 24:]), "a rank-0 slice's columns changed"
     assert_close(y, y_ref, atol=1e-4, rtol=1e-4, what="y")
+
+
+@pytest.mark.parametrize(("k", "mode"), [(1, "plan"), (2, "plan"), (2, "column")])
+def test_store_mode_overwrites_the_rows_of_tokens_with_adapters(
+    device: torch.device, k: int, mode: str
+) -> None:
+    """store=True: rows of tokens with adapters become their delta, y unread (zeros where all
+    of a token's adapters have rank 0 in a slice); rows of base-only tokens keep their bits.
+    zero_rows_without_lora then zeroes exactly those: together, a delta buffer from nothing."""
+    b = make_batch(
+        tokens=23,
+        in_features=48,
+        outs=[40, 24],
+        r_max=16,
+        num_slots=5,
+        k=k,
+        dtype=torch.float16,
+        mixed_ranks=(0, 8, 16),
+        base_only_frac=0.25,
+        device=device,
+        seed=11 + k,
+    )
+    meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, device, mode=mode)
+    idle = (b.token_slots < 0).all(dim=1).to(device)
+    assert 0 < int(idle.sum()) < 23
+    want = torch.zeros_like(b.y)
+    add_lora_ref(want, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
+    y = torch.full_like(b.y, float("nan"))
+    y[idle] = b.y[idle]
+    add_lora(y, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta, store=True)
+    atol, rtol = DTYPES[torch.float16]
+    assert_close(y[~idle], want[~idle], atol=atol, rtol=rtol, what="stored rows")
+    assert torch.equal(y[idle], b.y[idle]), "a base-only token's row changed"
+    stored = y[~idle].clone()
+    zero_rows_without_lora(y, meta)
+    assert not y[idle].any() and torch.equal(y[~idle], stored)
+    assert_close(y, want, atol=atol, rtol=rtol, what="the delta buffer")
+    with pytest.raises(ValueError, match="zero_rows_without_lora: y must be"):
+        zero_rows_without_lora(y[:5], meta)
 
 
 @pytest.mark.parametrize("tokens", [0, 6])
