@@ -108,8 +108,20 @@ def beside_triton_gemm_tokens(device: torch.device | str) -> list[tuple[int, int
     (None: any width). From ``beside_triton_gemm_tokens`` in the GPU's config, entries
     ``[lo, hi]`` or ``[lo, hi, max_out]``; none without a config. Measured per GPU:
     docs/benchmarks.md, ninth and twelfth passes."""
-    entries = load_config(gpu_config_name(device)).get("beside_triton_gemm_tokens", [])
+    return beside_rules(load_config(gpu_config_name(device)))
+
+
+def beside_rules(cfg: dict) -> list[tuple[int, int, int | None]]:
+    """``beside_triton_gemm_tokens`` of a parsed config, as (lo, hi, max_out) rules."""
+    entries = cfg.get("beside_triton_gemm_tokens", [])
     return [(int(e[0]), int(e[1]), int(e[2]) if len(e) > 2 else None) for e in entries]
+
+
+def triton_gemm_beside(rules: list[tuple[int, int, int | None]], tokens: int, out: int) -> bool:
+    """Whether some rule covers a projection of ``out`` features at ``tokens`` tokens."""
+    return any(
+        lo <= tokens <= hi and (max_out is None or out <= max_out) for lo, hi, max_out in rules
+    )
 
 
 def block_m_for(num_tokens: int, device: torch.device | str) -> int:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.add_lora_op import add_lora
-from kernels.config import beside_triton_gemm_tokens
+from kernels.config import beside_triton_gemm_tokens, triton_gemm_beside
 from kernels.fused_linear_lora_op import fused_linear_lora
 from kernels.lora_expand_op import zero_rows_without_lora
 from kernels.metadata import LoraBatchMeta
@@ -155,7 +155,4 @@ def _triton_gemm_beside(x: torch.Tensor, weight: torch.Tensor) -> bool:
     t = x.shape[0]
     if forced == "triton":
         return t <= 64
-    return any(
-        lo <= t <= hi and (max_out is None or weight.shape[0] <= max_out)
-        for lo, hi, max_out in beside_triton_gemm_tokens(x.device)
-    )
+    return triton_gemm_beside(beside_triton_gemm_tokens(x.device), t, weight.shape[0])

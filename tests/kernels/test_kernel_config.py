@@ -10,9 +10,11 @@ from kernels.config import (
     CONFIG_DIR,
     _lookup,
     _pick,
+    beside_rules,
     block_m_for,
     kernel_config,
     load_config,
+    triton_gemm_beside,
 )
 
 FILES = sorted(CONFIG_DIR.glob("*.json"))
@@ -40,6 +42,17 @@ def test_config_file_schema(path) -> None:
         assert 1 <= lo <= hi <= most and len(max_out) <= 1
         assert all(m >= 1 for m in max_out)
     assert cfg.get("fused_max_tokens", {}).get("base", 0) <= most
+
+
+def test_h100_runs_the_narrow_projections_beside_our_gemm_at_every_decode_size() -> None:
+    """o and down (4096 out) beside our GEMM at 1-64 tokens; qkv and gate/up only at 1 and
+    48-64 (docs/benchmarks.md, twelfth pass); nothing past 64 tokens or without a GPU config."""
+    rules = beside_rules(load_config("NVIDIA_H100_80GB_HBM3"))
+    for t in (1, 8, 32, 47, 48, 64):
+        assert triton_gemm_beside(rules, t, 4096)
+    assert [t for t in (1, 8, 32, 47, 48, 64) if triton_gemm_beside(rules, t, 12288)] == [1, 48, 64]
+    assert not triton_gemm_beside(rules, 65, 4096) and not triton_gemm_beside(rules, 128, 22016)
+    assert beside_rules(load_config("default")) == []
 
 
 def test_lookup_takes_smallest_bucket_then_nearest_dim() -> None:
