@@ -156,6 +156,10 @@ async def run(engine: Engine, args, seed: int) -> dict:
     }
 
 
+# variant -> ModelRunner.prompt_rows
+VARIANTS = {"rows": True, "eager": False}
+
+
 async def main_async(args) -> None:
     engine = Engine(
         None,
@@ -179,15 +183,23 @@ async def main_async(args) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     for slot in range(8):
         engine.model.set_lora(slot, random_adapter(engine.model, gen))
-    variants = {"rows": True, "eager": False}
-    engine.runner.prompt_rows = True
+    runner = engine.runner
+    default_reads = runner.rows_max_prompt_context
+    # (name, prompt rows on, most context the prompt rows may read: decode_rows)
+    variants = [
+        (name if reads == default_reads else f"{name}@{reads}", prompt_rows, reads)
+        for name, prompt_rows in VARIANTS.items()
+        if name in args.variants
+        for reads in (args.rows_max_context or [default_reads] if prompt_rows else [default_reads])
+    ]
     await run(engine, argparse.Namespace(**{**vars(args), "requests": 64}), seed=99)  # warm-up
     for rnd in range(args.repeats):
-        for name, prompt_rows in variants.items():
-            engine.runner.prompt_rows = prompt_rows
-            r = await run(engine, args, seed=rnd)  # both variants see the same arrivals
+        for name, prompt_rows, reads in variants:
+            runner.prompt_rows, runner.rows_max_prompt_context = prompt_rows, reads
+            r = await run(engine, args, seed=rnd)  # every variant sees the same arrivals
             emit(
                 case=name,
+                rows_max_prompt_context=reads,
                 round=rnd,
                 rate=args.rate,
                 requests=args.requests,
@@ -196,7 +208,7 @@ async def main_async(args) -> None:
                 adapters=args.adapters,
                 **r,
             )
-    engine.runner.prompt_rows = True
+    runner.prompt_rows, runner.rows_max_prompt_context = True, default_reads
     await engine.stop()
 
 
@@ -211,6 +223,17 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-batched-tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--rows-max-context",
+        type=int,
+        nargs="+",
+        help="rows: one variant per limit on the context a step's prompt rows may read "
+        "(ModelRunner.rows_max_prompt_context; default: the engine's)",
+    )
+    p.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+        help="rows: small steps with prompt chunks replay the decode graphs; eager: they do not",
+    )  # fmt: skip
     args = p.parse_args()
     emit(case="device", gpu=torch.cuda.get_device_name(), torch=torch.__version__)
     asyncio.run(main_async(args))

@@ -55,10 +55,13 @@ GRAPH_META_MODE = "plan"  # fixed for capture and replay: buffer shapes must not
 # A step's prompt rows run as decode rows (in a graph) only while the context they attend to,
 # summed over those rows, stays under this many tokens: a row reads its whole prefix, so a
 # chunk of n tokens after h tokens of history reads n * h + n (n + 1) / 2 tokens of K/V where
-# the prefill kernel reads each about once. 16,384 token reads are ~2.4 ms of a 7B step on the
-# H100 (a b32 decode step's 6,144 rows of context cost 0.9 ms), against 10-25 ms of host time
-# that an eager step of a few dozen tokens takes to queue.
-ROWS_MAX_PROMPT_CONTEXT = 16384
+# the prefill kernel reads each about once. 65,536 admits every fresh prompt that fits the
+# largest row graph (256 tokens: 32,896 reads; a chunk's rows share its prefix, mostly from
+# L2) and keeps out long histories. Under open-loop arrivals on the H100, 16,384 left 70-80
+# steps of 190-260 prompt tokens eager, each 30-120 ms of host time to queue: 65,536 left
+# 6-26 of them and took ITL p99 at 16 requests/s from 43-50 to 14-16 ms (docs/benchmarks.md,
+# twelfth pass).
+ROWS_MAX_PROMPT_CONTEXT = 65536
 # Graph sizes an engine captures past its batch limit by default, for steps with prompt rows
 # (on the H100 a 157-token mixed 7B step took 20-40 ms eagerly, docs/benchmarks.md). A row
 # past the step's tokens is padding: it costs the GEMMs little at these sizes, which read
@@ -95,17 +98,22 @@ class DecodeRows:
 
 
 def decode_rows(
-    entries, tables: list[list[int]], plans: list[Plan], max_rows: int, prompts: bool = True
+    entries,
+    tables: list[list[int]],
+    plans: list[Plan],
+    max_rows: int,
+    prompts: bool = True,
+    max_reads: int = ROWS_MAX_PROMPT_CONTEXT,
 ) -> DecodeRows | None:
     """The step as :class:`DecodeRows`, or None if it has more than ``max_rows`` tokens, its
-    prompt rows would read more than ``ROWS_MAX_PROMPT_CONTEXT`` tokens of context, or it has
-    prompt rows and ``prompts`` is False."""
+    prompt rows would read more than ``max_reads`` tokens of context, or it has prompt rows
+    and ``prompts`` is False."""
     if sum(n for _, n in entries) > max_rows:
         return None
     if not prompts and any(n > 1 for _, n in entries):
         return None
     reads = sum(n * s.num_computed + n * (n + 1) // 2 for s, n in entries if n > 1)
-    if reads > ROWS_MAX_PROMPT_CONTEXT:
+    if reads > max_reads:
         return None
     ids: list[int] = []
     pos: list[int] = []
@@ -213,6 +221,7 @@ class ModelRunner:
         self.decode_rows_max_tokens = self.graph_sizes[-1] if self.graph_sizes else 0
         # False: only pure decode steps replay graphs (the earlier behaviour; for benchmarks)
         self.prompt_rows = True
+        self.rows_max_prompt_context = ROWS_MAX_PROMPT_CONTEXT  # see decode_rows
         if self.device.type == "cuda":
             self.warm_up_kernels()
         if lora_warm_up_tokens and self.device.type == "cuda":
@@ -253,7 +262,12 @@ class ModelRunner:
         )
         plans = self.merging.plans_for_step([s.adapters for s, _ in entries])
         rows = decode_rows(
-            entries, tables, plans, self.decode_rows_max_tokens, prompts=self.prompt_rows
+            entries,
+            tables,
+            plans,
+            self.decode_rows_max_tokens,
+            prompts=self.prompt_rows,
+            max_reads=self.rows_max_prompt_context,
         )
         if rows is not None:
             return self._replay(rows) if self.graph_sizes else self._run_rows(rows)
