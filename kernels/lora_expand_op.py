@@ -326,7 +326,8 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
 @triton.jit
 def _zero_rows_kernel(y_ptr, slots_ptr, stride_yt, stride_st, n, BLOCK_N: tl.constexpr):
     t = tl.program_id(0)
-    if tl.load(slots_ptr + t * stride_st) < 0:  # sorted plans: slot -1 first = no adapter
+    # a token's slots are sorted with -1 last: column 0 is -1 only for a token with no adapter
+    if tl.load(slots_ptr + t * stride_st) < 0:
         offs = tl.arange(0, BLOCK_N)
         zeros = tl.zeros([BLOCK_N], dtype=y_ptr.dtype.element_ty)
         for n0 in range(0, n, BLOCK_N):
