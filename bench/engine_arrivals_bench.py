@@ -190,7 +190,9 @@ async def main_async(args) -> None:
         (name if reads == default_reads else f"{name}@{reads}", prompt_rows, reads)
         for name, prompt_rows in VARIANTS.items()
         if name in args.variants
-        for reads in (args.rows_max_context or [default_reads] if prompt_rows else [default_reads])
+        for reads in (
+            (args.rows_max_context or [default_reads]) if prompt_rows else [default_reads]
+        )
     ]
     await run(engine, argparse.Namespace(**{**vars(args), "requests": 64}), seed=99)  # warm-up
     for rnd in range(args.repeats):
