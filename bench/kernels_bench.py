@@ -59,6 +59,7 @@ from kernels._bench import (  # noqa: E402
     eager_cpu_us,
     gather_bmm,
     graph_ms,
+    kernel_timeline,
     lora_bytes,
     make_problem,
     paired_replay_ms,
@@ -77,14 +78,18 @@ def run_case(
     head: dict,
     rep: int,
     w_base: torch.Tensor | None = None,
+    meta_kw: dict | None = None,
+    configs: dict | None = None,
+    timeline: bool = False,
 ) -> dict:
     p = make_problem(t, in_f, out_f, adapters=d, k=k, seed=t + d + k)
-    meta = build_lora_meta(p.slots, p.weights, 64)
+    meta = build_lora_meta(p.slots, p.weights, 64, **(meta_kw or {}))
     lora = ([p.a], [p.b], p.ranks, p.scales, meta)
+    configs = configs or {}
 
     # correctness: the delta against a float32 torch formula of the same plan
     y_check = torch.zeros_like(p.y)
-    add_lora(y_check, p.x, *lora)
+    add_lora(y_check, p.x, *lora, **(configs or {}))
     delta = y_check.float()
     expect = torch.zeros_like(delta)
     for j in range(k):
@@ -107,17 +112,21 @@ def run_case(
         "rel_err": rel,
         "base_ms": base_ms,
     }
-    run = lambda: add_lora(p.y, p.x, *lora)  # noqa: E731
+    run = lambda: add_lora(p.y, p.x, *lora, **configs)  # noqa: E731
     out["delta_graph_ms"] = graph_ms(run, rep=rep)
     out["delta_ms"] = bench_ms(run, rep=rep)  # eager: Python launch overhead leaks in
     out["eager_cpu_us"] = eager_cpu_us(run)
     os.environ["LORASERVE_KERNELS_PDL"] = "0"
     out["delta_graph_nopdl_ms"] = graph_ms(run, rep=rep)
     del os.environ["LORASERVE_KERNELS_PDL"]
-    h = lora_shrink(p.x, [p.a], p.ranks, meta)
-    out["shrink_graph_ms"] = graph_ms(lambda: lora_shrink(p.x, [p.a], p.ranks, meta), rep=rep)
+    sc, ec = configs.get("shrink_config"), configs.get("expand_config")
+    h = lora_shrink(p.x, [p.a], p.ranks, meta, config=sc)
+    out["shrink_graph_ms"] = graph_ms(
+        lambda: lora_shrink(p.x, [p.a], p.ranks, meta, config=sc), rep=rep
+    )
     out["expand_graph_ms"] = graph_ms(
-        lambda: lora_expand(p.y, h, [p.b], p.ranks, p.scales, meta, pdl=False), rep=rep
+        lambda: lora_expand(p.y, h, [p.b], p.ranks, p.scales, meta, pdl=False, config=ec),
+        rep=rep,
     )
     if w_base is not None:
         # What a graph-captured step pays: the base projection (cuBLAS, writing y) then the
@@ -148,6 +157,8 @@ def run_case(
             capture(lambda: F.linear(p.x, w_base) + resid), beside_graph, pairs=2 * rep
         )
         out["ratio_beside"] = max(out["beside_marginal_ms"], 1e-6) / out["linear_graph_ms"]
+        if timeline:
+            out["timeline"] = kernel_timeline(capture(lambda: (base(), run())))
     if k == 1:
         idx, scale, groups = baseline_inputs(p)
         out["gather_bmm_ms"] = bench_ms(lambda: gather_bmm(p, idx, scale), rep=rep)
@@ -185,7 +196,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="token counts")
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2], help="adapters per token")
+    ap.add_argument("--adapters", type=int, nargs="+", default=ADAPTERS, help="distinct adapters")
+    ap.add_argument("--outs", type=int, nargs="+", help="only these projection widths")
+    ap.add_argument(
+        "--timeline", action="store_true", help="also each kernel's start and length (CUPTI)"
+    )
+    ap.add_argument("--mode", choices=["plan", "column"], help="metadata mode for K > 1")
+    ap.add_argument("--shrink-config", type=json.loads, help="e.g. '{\"SPLIT_K\": 8, ...}'")
+    ap.add_argument("--expand-config", type=json.loads, help="e.g. '{\"BLOCK_N\": 128, ...}'")
     args = ap.parse_args()
+    meta_kw: dict = {}
+    configs = {
+        name: cfg
+        for name, cfg in (
+            ("shrink_config", args.shrink_config),
+            ("expand_config", args.expand_config),
+        )
+        if cfg
+    }
     rep = 20 if args.quick else 50
     head = {
         "gpu": torch.cuda.get_device_name(),
@@ -197,14 +225,17 @@ def main() -> None:
     lines = [{**head, "case": "copy_bandwidth", "GBps": bw}]
     print(json.dumps(lines[-1]), flush=True)
     for in_f, out_f in SHAPES:
+        if args.outs and out_f not in args.outs:
+            continue
         w = torch.randn(out_f, in_f, device="cuda").to(torch.bfloat16)
         for t in args.tokens:
             x = torch.randn(t, in_f, device="cuda").to(torch.bfloat16)
             base_ms = bench_ms(lambda x=x, w=w: F.linear(x, w), rep=rep)
             for k in args.k:
-                for d in sorted({min(d, t * k) for d in ADAPTERS}):
+                for d in sorted({min(d, t * k) for d in args.adapters}):
                     if k > d:
                         continue
+                    kw = {**meta_kw, "mode": args.mode} if args.mode and k > 1 else meta_kw
                     lines.append(
                         run_case(
                             in_f,
@@ -217,6 +248,9 @@ def main() -> None:
                             {**head, "case": "lora_delta"},
                             rep,
                             w,
+                            kw,
+                            configs,
+                            args.timeline,
                         )
                     )
                     print(json.dumps(lines[-1]), flush=True)
@@ -258,6 +292,13 @@ def summary(lines: list[dict]) -> None:
             f"{v.get('gather_bmm_ratio', float('nan')):5.2f} "
             f"{v.get('loop_ratio', float('nan')):6.1f} {k2:5.2f} {k2b:5.2f} {v['rel_err']:7.1e}"
         )
+
+    for v in lines[1:]:
+        if v.get("timeline"):
+            spans = "  ".join(
+                f"{e['name'][:22]} {e['start_us']:.1f}-{e['end_us']:.1f}" for e in v["timeline"]
+            )
+            print(f"timeline {v['out']} T={v['tokens']} D={v['adapters']} K={v['k']}: {spans}")
 
 
 if __name__ == "__main__":

@@ -192,3 +192,63 @@ def lora_bytes(p: Problem, k: int = 1) -> int:
     t, in_f = p.x.shape
     out_f, r, e = p.y.shape[1], p.a.shape[1], p.x.element_size()
     return e * (t * in_f + 2 * t * out_f + p.adapters * r * (in_f + out_f))
+
+
+def kernel_timeline(graph: torch.cuda.CUDAGraph, replays: int = 20) -> list[dict]:
+    """Each kernel of a graph replay, in launch order: name, start and end (us from the
+    first kernel's start) and duration, medians over ``replays`` (CUPTI through
+    torch.profiler; L2 flushed before each replay). Shows where a delta's time goes: the gap
+    after the GEMM, each kernel's length, how far a dependent launch overlaps its primary."""
+    import json
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            flush.zero_()
+            torch.cuda.synchronize()
+            graph.replay()
+            torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text()).get("traceEvents", [])
+    kernels = sorted(
+        (e["ts"], e["ts"] + e["dur"], e.get("name", ""))
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") == "kernel"
+    )
+    runs, cur = [], []
+    for k in kernels:  # the flush kernel starts each replay's group
+        if "FillFunctor" in k[2]:
+            if cur:
+                runs.append(cur)
+            cur = []
+            continue
+        cur.append(k)
+    if cur:
+        runs.append(cur)
+    n = statistics.mode(len(r) for r in runs) if runs else 0
+    runs = [r for r in runs if len(r) == n]
+    out = []
+    for i in range(n):
+        t0s = [r[0][0] for r in runs]
+        out.append(
+            {
+                "name": runs[0][i][2][:48],
+                "start_us": round(
+                    statistics.median(r[i][0] - t for r, t in zip(runs, t0s, strict=True)), 2
+                ),
+                "end_us": round(
+                    statistics.median(r[i][1] - t for r, t in zip(runs, t0s, strict=True)), 2
+                ),
+                "dur_us": round(statistics.median(r[i][1] - r[i][0] for r in runs), 2),
+            }
+        )
+    return out

@@ -8,7 +8,8 @@ adapters, so y is read and written once per token in plan mode, without atomics 
 runs one launch per column; see kernels.metadata). Slices (fused qkv, gate/up) are a grid
 axis: slice s writes y[:, off_s : off_s + out_s]. Launched as a programmatic dependent of the
 shrink on Hopper: everything that does not depend on h (y, B, weights, scales) is requested
-before ``griddepcontrol.wait``, so it overlaps the shrink.
+before ``griddepcontrol.wait``, so it overlaps the shrink; a later column pass is a dependent
+of the pass before it in the same way (B requested early, y after the wait).
 
 Based on: Punica (Chen et al. 2023) SGMV/BGMV expand, S-LoRA (Sheng et al. 2023), vLLM punica
 ops. Ideas only; the code is ours.
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels._common import (
     INTERPRET,
@@ -89,8 +90,12 @@ def _lora_expand_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    Y_EARLY: tl.constexpr,
+    TRIGGER: tl.constexpr,
     STORE: tl.constexpr,
 ):
+    if TRIGGER:  # let the next column pass start its B loads (see lora_expand's passes)
+        gdc_launch_dependents()
     tile = tile_offset + tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     s = tl.program_id(2)
@@ -112,9 +117,10 @@ def _lora_expand_kernel(
         h_rows = h_ptr + s * stride_hs + tok[:, None] * stride_ht + col0 * R_MAX
         # y and B do not depend on the shrink: with programmatic dependent launch (PDL) they
         # are requested before waiting for the shrink's grid, so their latency overlaps it.
+        # A later column pass reads y after its wait (the previous pass writes y), B before.
         y_tile = y_ptr + tok[:, None] * stride_yt + (col_off + offs_n)[None, :]
         y_mask = row_ok[:, None] & n_ok[None, :]
-        if not STORE:
+        if (not STORE) and Y_EARLY:
             y_old = tl.load(y_tile, mask=y_mask, other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         # One dot per adapter of the tile: with a scalar slot, B's rows are contiguous along r
@@ -146,6 +152,8 @@ def _lora_expand_kernel(
         if STORE:  # y's rows are the delta (zeros for adapters without this module)
             tl.store(y_tile, delta, mask=y_mask)
         else:
+            if not Y_EARLY:  # after the first chunk's wait: the previous pass's y
+                y_old = tl.load(y_tile, mask=y_mask, other=0.0)
             # A tile whose adapters all have rank 0 here (adapters without this module) leaves
             # y untouched, bit for bit.
             y_mask = y_mask & (max_rank > 0)
@@ -294,12 +302,13 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
         ints = (*o, *f, *sbs, slots, y.stride(0), lora_b[0].stride(1), *h.stride()[:3])
         n_blocks = triton.cdiv(max(outs[g0:g1]), block_n)
         passes, tile_offset = [], 0
-        # Only the first pass overlaps its predecessor (PDL): later passes read y before
-        # their wait, and y is what the previous pass writes.
-        for n_tiles in meta.pass_tiles:
-            if n_tiles == 0:
-                continue
-            first = pdl and tile_offset == 0
+        # Every pass is a programmatic dependent of the kernel before it (the shrink, then
+        # the previous pass), which lets it start as soon as that kernel's programs all run:
+        # B is requested before the wait; y before it in the first pass only, since each
+        # later pass adds to what the previous one wrote.
+        live = [n for n in meta.pass_tiles if n]
+        for i, n_tiles in enumerate(live):
+            first = tile_offset == 0
             constexprs = dict(
                 TILE_K=meta.tile_k,
                 KP=kp,
@@ -312,11 +321,13 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
                 EVEN_R=r_max % chunk == 0,
                 UPCAST=INTERPRET,
                 DOT_PRECISION=dot_precision(y.dtype),
-                USE_PDL=first,
+                USE_PDL=pdl,
+                Y_EARLY=first,
+                TRIGGER=pdl and i + 1 < len(live),
                 # the first pass holds every token with an adapter (column 0 of each), once
                 STORE=store and tile_offset == 0,
             )
-            options = launch_options(y.device, cfg, dependent=first)
+            options = launch_options(y.device, cfg, dependent=pdl)
             passes.append(((n_tiles, n_blocks, g1 - g0), tile_offset, constexprs, options))
             tile_offset += n_tiles
         groups.append((g0, g1, ints, passes))
