@@ -51,7 +51,7 @@ from executor_svc.model.layers import paged_attention  # noqa: E402
 from executor_svc.model.layers.fused_ops import silu_and_mul  # noqa: E402
 from executor_svc.model.layers.paged_prefill import build_prefill_meta  # noqa: E402
 from kernels import add_lora, build_lora_meta, overlapped  # noqa: E402
-from kernels._bench import graph_ms  # noqa: E402
+from kernels._bench import graph_ms, traced_kernels  # noqa: E402
 from kernels.lora_shrink_op import lora_shrink  # noqa: E402
 
 
@@ -182,8 +182,6 @@ def profile_timeline(
 ) -> None:
     """Kernel time per class in a captured decode step, and how much of it hides beside GEMMs;
     with ``layer``, that layer's kernels one by one (:func:`dump_layer`)."""
-    import tempfile
-
     from torch.profiler import ProfilerActivity, profile
 
     runner = engine.runner
@@ -200,18 +198,10 @@ def profile_timeline(
                 for _ in range(replays):
                     g.graph.replay()
                     torch.cuda.synchronize()
-            with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                prof.export_chrome_trace(f.name)
-                trace = json.loads(Path(f.name).read_text())
-            kernels = [
-                (e["ts"], e["ts"] + e["dur"], e.get("cat", ""), e.get("name", ""), e.get("tid"))
-                for e in trace.get("traceEvents", [])
-                if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")
-            ]
+            kernels = traced_kernels(prof, ("kernel", "gpu_memset", "gpu_memcpy"))
             if not kernels:
                 emit(bench="timeline", batch=b, case=case, error="no kernels traced")
                 continue
-            kernels.sort()
             # replays are separated by host syncs: split at gaps > 50 us
             steps, cur = [], [kernels[0]]
             for k in kernels[1:]:

@@ -89,7 +89,7 @@ def run_case(
 
     # correctness: the delta against a float32 torch formula of the same plan
     y_check = torch.zeros_like(p.y)
-    add_lora(y_check, p.x, *lora, **(configs or {}))
+    add_lora(y_check, p.x, *lora, **configs)
     delta = y_check.float()
     expect = torch.zeros_like(delta)
     for j in range(k):
@@ -205,7 +205,6 @@ def main() -> None:
     ap.add_argument("--shrink-config", type=json.loads, help="e.g. '{\"SPLIT_K\": 8, ...}'")
     ap.add_argument("--expand-config", type=json.loads, help="e.g. '{\"BLOCK_N\": 128, ...}'")
     args = ap.parse_args()
-    meta_kw: dict = {}
     configs = {
         name: cfg
         for name, cfg in (
@@ -235,7 +234,7 @@ def main() -> None:
                 for d in sorted({min(d, t * k) for d in args.adapters}):
                     if k > d:
                         continue
-                    kw = {**meta_kw, "mode": args.mode} if args.mode and k > 1 else meta_kw
+                    kw = {"mode": args.mode} if args.mode and k > 1 else None
                     lines.append(
                         run_case(
                             in_f,

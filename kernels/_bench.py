@@ -194,15 +194,30 @@ def lora_bytes(p: Problem, k: int = 1) -> int:
     return e * (t * in_f + 2 * t * out_f + p.adapters * r * (in_f + out_f))
 
 
+def traced_kernels(prof, cats: tuple[str, ...] = ("kernel",)) -> list[tuple]:
+    """The GPU activities of a finished ``torch.profiler.profile`` whose category is in
+    ``cats`` ("kernel", "gpu_memset", "gpu_memcpy"), sorted by start: (start us, end us,
+    category, name, stream)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text()).get("traceEvents", [])
+    return sorted(
+        (e["ts"], e["ts"] + e["dur"], e.get("cat", ""), e.get("name", ""), e.get("tid"))
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") in cats
+    )
+
+
 def kernel_timeline(graph: torch.cuda.CUDAGraph, replays: int = 20) -> list[dict]:
     """Each kernel of a graph replay, in launch order: name, start and end (us from the
     first kernel's start) and duration, medians over ``replays`` (CUPTI through
     torch.profiler; L2 flushed before each replay). Shows where a delta's time goes: the gap
     after the GEMM, each kernel's length, how far a dependent launch overlaps its primary."""
-    import json
     import statistics
-    import tempfile
-    from pathlib import Path
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -216,39 +231,30 @@ def kernel_timeline(graph: torch.cuda.CUDAGraph, replays: int = 20) -> list[dict
             torch.cuda.synchronize()
             graph.replay()
             torch.cuda.synchronize()
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = json.loads(Path(f.name).read_text()).get("traceEvents", [])
-    kernels = sorted(
-        (e["ts"], e["ts"] + e["dur"], e.get("name", ""))
-        for e in events
-        if e.get("ph") == "X" and e.get("cat") == "kernel"
-    )
-    runs, cur = [], []
-    for k in kernels:  # the flush kernel starts each replay's group
-        if "FillFunctor" in k[2]:
+    runs, cur = [], []  # per replay: (start, end, name), us from its first kernel's start
+    for start, end, _, name, _ in traced_kernels(prof):
+        if "FillFunctor" in name:  # the flush: a replay's kernels follow
             if cur:
                 runs.append(cur)
             cur = []
-            continue
-        cur.append(k)
+        else:
+            t0 = cur[0][3] if cur else start
+            cur.append((start - t0, end - t0, name, t0))
     if cur:
         runs.append(cur)
     n = statistics.mode(len(r) for r in runs) if runs else 0
-    runs = [r for r in runs if len(r) == n]
+    runs = [r for r in runs if len(r) == n]  # (a replay the profiler cut short)
     out = []
     for i in range(n):
-        t0s = [r[0][0] for r in runs]
+        start = statistics.median(r[i][0] for r in runs)
+        end = statistics.median(r[i][1] for r in runs)
+        dur = statistics.median(r[i][1] - r[i][0] for r in runs)
         out.append(
             {
                 "name": runs[0][i][2][:48],
-                "start_us": round(
-                    statistics.median(r[i][0] - t for r, t in zip(runs, t0s, strict=True)), 2
-                ),
-                "end_us": round(
-                    statistics.median(r[i][1] - t for r, t in zip(runs, t0s, strict=True)), 2
-                ),
-                "dur_us": round(statistics.median(r[i][1] - r[i][0] for r in runs), 2),
+                "start_us": round(start, 2),
+                "end_us": round(end, 2),
+                "dur_us": round(dur, 2),
             }
         )
     return out
