@@ -33,7 +33,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine_bench import RANK, StepTimer, llama7b_config, random_adapter  # noqa: E402
+from bench.engine_bench import RANK, StepTimer, llama7b_config, start_with_adapters  # noqa: E402
 from executor_svc.engine import Engine, EngineRequest, SamplingOptions  # noqa: E402
 
 
@@ -172,17 +172,13 @@ async def main_async(args) -> None:
         max_model_len=args.prompt_max + args.new + 16,
         max_num_batched_tokens=args.max_batched_tokens,
     )
-    t = time.perf_counter()
-    await engine.start()
+    seconds = await start_with_adapters(engine, 8)
     emit(
         case="engine_start",
-        seconds=round(time.perf_counter() - t, 1),
+        seconds=round(seconds, 1),
         graph_sizes=engine.runner.graph_sizes,
         graphs=len(engine.runner.graphs),
     )
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for slot in range(8):
-        engine.model.set_lora(slot, random_adapter(engine.model, gen))
     runner = engine.runner
     default_reads = runner.rows_max_prompt_context
     # (name, prompt rows on, most context the prompt rows may read: decode_rows)

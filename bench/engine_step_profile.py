@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine_bench import llama7b_config, random_adapter  # noqa: E402
+from bench.engine_bench import llama7b_config, start_with_adapters  # noqa: E402
 from executor_svc.engine import Engine  # noqa: E402
 from executor_svc.model.context import PrefillChunk, StepContext  # noqa: E402
 from executor_svc.model.layers import paged_attention  # noqa: E402
@@ -526,16 +526,8 @@ async def main() -> None:
         ),
         cuda_graph_batch_sizes=args.batches,
     )
-    t = time.perf_counter()
-    await engine.start()
-    emit(
-        bench="engine_start",
-        seconds=round(time.perf_counter() - t, 1),
-        gpu=torch.cuda.get_device_name(),
-    )
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for slot in range(8):
-        engine.model.set_lora(slot, random_adapter(engine.model, gen))
+    seconds = await start_with_adapters(engine, 8)
+    emit(bench="engine_start", seconds=round(seconds, 1), gpu=torch.cuda.get_device_name())
     for part, fn in (
         ("graphs", lambda e, b: [profile_graphs(e, b, c) for c in args.contexts]),
         ("host", profile_host),
