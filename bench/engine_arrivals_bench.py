@@ -33,7 +33,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine_bench import RANK, StepTimer, llama7b_config, start_with_adapters  # noqa: E402
+from bench.engine_bench import StepTimer, llama7b_engine, start_with_adapters  # noqa: E402
 from executor_svc.engine import Engine, EngineRequest, SamplingOptions  # noqa: E402
 
 
@@ -161,13 +161,8 @@ VARIANTS = {"rows": True, "eager": False}
 
 
 async def main_async(args) -> None:
-    engine = Engine(
-        None,
-        hf_config=llama7b_config(),
-        device="cuda",
-        dtype=torch.bfloat16,
-        num_lora_slots=8,
-        max_lora_rank=RANK,
+    engine = llama7b_engine(
+        8,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.prompt_max + args.new + 16,
         max_num_batched_tokens=args.max_batched_tokens,

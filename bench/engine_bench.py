@@ -102,6 +102,20 @@ def random_adapter(model, gen) -> dict:
     return out
 
 
+def llama7b_engine(num_lora_slots: int, **kwargs) -> Engine:
+    """An engine on the Llama-2-7B shape with random bf16 weights (no checkpoint) and LoRA
+    slots of rank ``RANK``; ``kwargs`` go to :class:`Engine` (batch, context, KV, graphs)."""
+    return Engine(
+        None,
+        hf_config=llama7b_config(),
+        device="cuda",
+        dtype=torch.bfloat16,
+        num_lora_slots=num_lora_slots,
+        max_lora_rank=RANK,
+        **kwargs,
+    )
+
+
 async def start_with_adapters(engine, adapters: int) -> float:
     """Start ``engine`` (warm-up and graph capture), then fill its first ``adapters`` LoRA
     slots with random rank-``RANK`` adapters from a fixed seed; returns the start's seconds."""
@@ -262,15 +276,9 @@ def decode_step_bytes(model, batch: int, avg_ctx: float) -> float:
 
 async def ours(args, bw: float) -> None:
     max_b = max(args.batches)
-    cfg = llama7b_config()
     kv_tokens = max_b * (PROMPT + NEW + 16)
-    engine = Engine(
-        None,
-        hf_config=cfg,
-        device="cuda",
-        dtype=torch.bfloat16,
-        num_lora_slots=64,
-        max_lora_rank=RANK,
+    engine = llama7b_engine(
+        64,
         max_num_seqs=max_b,
         max_model_len=PROMPT + NEW + 16,
         kv_memory_bytes=kv_tokens * 2 * 32 * 4096 * 2,

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine_bench import llama7b_config, start_with_adapters  # noqa: E402
+from bench.engine_bench import llama7b_engine, start_with_adapters  # noqa: E402
 from executor_svc.engine import Engine  # noqa: E402
 from executor_svc.model.context import PrefillChunk, StepContext  # noqa: E402
 from executor_svc.model.layers import paged_attention  # noqa: E402
@@ -512,13 +512,8 @@ async def main() -> None:
     args = ap.parse_args()
     if args.decode_max_splits:
         paged_attention.MAX_SPLITS = args.decode_max_splits
-    engine = Engine(
-        None,
-        hf_config=llama7b_config(),
-        device="cuda",
-        dtype=torch.bfloat16,
-        num_lora_slots=8,
-        max_lora_rank=16,
+    engine = llama7b_engine(
+        8,
         max_num_seqs=max(args.batches),
         max_model_len=max(512, max(args.contexts) + 32),
         kv_memory_bytes=max(
