@@ -66,6 +66,24 @@ def _compiled_lora_kernels() -> tuple[int, int]:
     return count(_lora_shrink_kernel), count(_lora_expand_kernel)
 
 
+def _engine(model_dir, **kwargs):
+    """The engine these tests serve with: on CUDA, 4 LoRA slots of rank <= 16, 8 sequences;
+    ``kwargs`` go to :class:`Engine` (graph sizes, tokens a step)."""
+    from executor_svc.engine import Engine
+
+    return Engine(
+        model_dir, device="cuda", num_lora_slots=4, max_lora_rank=16, max_num_seqs=8, **kwargs
+    )
+
+
+def _load_adapters(model, adapters) -> None:
+    """The setup's adapters into slots 0, 1, 2 of ``model``, in bf16."""
+    from executor_svc.model.lora_loader import load_adapter
+
+    for slot, path in enumerate(adapters):
+        model.set_lora(slot, load_adapter(path, dtype=torch.bfloat16))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -81,14 +99,12 @@ def test_bf16_logits_close_to_fp32_peft(setup):
     from executor_svc.engine.merging import effective_plan
     from executor_svc.model.forward import batch_logits
     from executor_svc.model.loader import load_model
-    from executor_svc.model.lora_loader import load_adapter
 
     model_dir, adapters = setup
     ours = load_model(
         model_dir, device=torch.device("cuda"), dtype=torch.bfloat16, num_slots=4, max_rank=16
     )
-    for slot, path in enumerate(adapters):
-        ours.set_lora(slot, load_adapter(path, dtype=torch.bfloat16))
+    _load_adapters(ours, adapters)
     plans = [[(i, 1.0)] for i in range(3)] + [[]]
     seqs = [*PROMPTS, PROMPTS[0]]
     unmerged = batch_logits(ours, seqs, plans)
@@ -149,29 +165,20 @@ def test_graph_decode_mixed_batch(setup):
     8-tile graph of batch 8), for 8 requests on one adapter (1 tile, then merged into the base
     weights after 8 steps: the base graph), and for the mixed batch again, first served with
     the merged adapter subtracted, then unmerged."""
-    from executor_svc.engine import Engine, EngineRequest, SamplingOptions
+    from executor_svc.engine import EngineRequest, SamplingOptions
     from executor_svc.engine.model_runner import tile_pads
     from executor_svc.model.forward import batch_logits
-    from executor_svc.model.lora_loader import load_adapter
 
     model_dir, adapters = setup
     rounds = [MIXED_PLANS, [[(1, 1.0)]] * 8, MIXED_PLANS]
 
     async def main():
-        engine = Engine(
-            model_dir,
-            device="cuda",
-            num_lora_slots=4,
-            max_lora_rank=16,
-            max_num_seqs=8,
-            cuda_graph_batch_sizes=[1, 4, 8],
-        )
+        engine = _engine(model_dir, cuda_graph_batch_sizes=[1, 4, 8])
         await engine.start()
         compiled = _compiled_lora_kernels()
         # per batch size: no adapter, then K=1 and K=4 for each tile pad
         assert len(engine.runner.graphs) == sum(1 + 2 * len(tile_pads(b)) for b in (1, 4, 8))
-        for slot, path in enumerate(adapters):
-            engine.model.set_lora(slot, load_adapter(path, dtype=torch.bfloat16))
+        _load_adapters(engine.model, adapters)
 
         async def one(i, plans):
             r = EngineRequest(
@@ -218,25 +225,17 @@ def test_graph_runs_small_prompt_steps(setup):
     """Steps with prompt chunks of up to the largest graph's rows replay the decode graphs, a
     row per prompt token: a 24-token prompt alone, then short prompts joining it mid-decode.
     The tokens agree with the eager model (as in the test above), and no eager step ran."""
-    from executor_svc.engine import Engine, EngineRequest, SamplingOptions
+    from executor_svc.engine import EngineRequest, SamplingOptions
     from executor_svc.model.forward import batch_logits
-    from executor_svc.model.lora_loader import load_adapter
 
     model_dir, adapters = setup
     plans = [[(0, 1.0)], [(1, 0.5), (2, 0.5)], []]
 
     async def main():
-        engine = Engine(
-            model_dir,
-            device="cuda",
-            num_lora_slots=4,
-            max_lora_rank=16,
-            max_num_seqs=8,
-            cuda_graph_batch_sizes=[1, 4, 8, 48],  # 48: every step fits, 35 tokens at most
-        )
+        # graphs of 48 rows: every step fits, 35 tokens at most
+        engine = _engine(model_dir, cuda_graph_batch_sizes=[1, 4, 8, 48])
         await engine.start()
-        for slot, path in enumerate(adapters):
-            engine.model.set_lora(slot, load_adapter(path, dtype=torch.bfloat16))
+        _load_adapters(engine.model, adapters)
         runner, prompt_replays, eager = engine.runner, [], []
         replay, prepare = runner._replay, runner._prepare
         runner._replay = lambda rows: prompt_replays.append(not rows.all_sample) or replay(rows)
@@ -279,8 +278,7 @@ def test_nothing_compiles_while_serving(setup, tmp_path):
     eager steps at several split counts; seeded and unseeded sampling; 0-3 adapters a token."""
     import triton
 
-    from executor_svc.engine import Engine, EngineRequest, SamplingOptions
-    from executor_svc.model.lora_loader import load_adapter
+    from executor_svc.engine import EngineRequest, SamplingOptions
 
     _, adapters = setup
     model_dir = _devmodels().build_tiny_model(
@@ -296,13 +294,9 @@ def test_nothing_compiles_while_serving(setup, tmp_path):
         return False
 
     async def main():
-        engine = Engine(
-            model_dir, device="cuda", num_lora_slots=4, max_lora_rank=16, max_num_seqs=8,
-            max_num_batched_tokens=64, cuda_graph_batch_sizes=[1, 4, 8],
-        )  # fmt: skip
+        engine = _engine(model_dir, max_num_batched_tokens=64, cuda_graph_batch_sizes=[1, 4, 8])
         await engine.start()
-        for slot, path in enumerate(adapters):
-            engine.model.set_lora(slot, load_adapter(path, dtype=torch.bfloat16))
+        _load_adapters(engine.model, adapters)
 
         async def one(i, n, delay):
             await asyncio.sleep(delay)
