@@ -308,7 +308,6 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
         # later pass adds to what the previous one wrote.
         live = [n for n in meta.pass_tiles if n]
         for i, n_tiles in enumerate(live):
-            first = tile_offset == 0
             constexprs = dict(
                 TILE_K=meta.tile_k,
                 KP=kp,
@@ -322,10 +321,10 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
                 UPCAST=INTERPRET,
                 DOT_PRECISION=dot_precision(y.dtype),
                 USE_PDL=pdl,
-                Y_EARLY=first,
+                Y_EARLY=i == 0,
                 TRIGGER=pdl and i + 1 < len(live),
                 # the first pass holds every token with an adapter (column 0 of each), once
-                STORE=store and tile_offset == 0,
+                STORE=store and i == 0,
             )
             options = launch_options(y.device, cfg, dependent=pdl)
             passes.append(((n_tiles, n_blocks, g1 - g0), tile_offset, constexprs, options))
