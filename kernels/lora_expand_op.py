@@ -83,6 +83,7 @@ def _lora_expand_kernel(
     RANK_CHUNK: tl.constexpr,
     R_MAX: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    SPLIT_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     N_SLICES: tl.constexpr,
@@ -137,14 +138,14 @@ def _lora_expand_kernel(
             scale = tl.load(scales_ptr + s * num_slots + tl.maximum(slot, 0))
             acc = _expand_chunk(
                 acc, 0, slot >= 0, rank, k, row_ok, n_ok, offs_n, b_rows, h_rows, w * scale,
-                stride_bn, stride_hsp, RANK_CHUNK, R_MAX, NUM_SPLITS, BLOCK_M, EVEN_R, UPCAST,
-                DOT_PRECISION, USE_PDL,
+                stride_bn, stride_hsp, RANK_CHUNK, R_MAX, NUM_SPLITS, SPLIT_GROUP, BLOCK_M, EVEN_R,
+                UPCAST, DOT_PRECISION, USE_PDL,
             )  # fmt: skip
             for r0 in range(RANK_CHUNK, rank, RANK_CHUNK):
                 acc = _expand_chunk(
                     acc, r0, slot >= 0, rank, k, row_ok, n_ok, offs_n, b_rows, h_rows,
-                    w * scale, stride_bn, stride_hsp, RANK_CHUNK, R_MAX, NUM_SPLITS, BLOCK_M,
-                    EVEN_R, UPCAST, DOT_PRECISION, USE_PDL,
+                    w * scale, stride_bn, stride_hsp, RANK_CHUNK, R_MAX, NUM_SPLITS, SPLIT_GROUP,
+                    BLOCK_M, EVEN_R, UPCAST, DOT_PRECISION, USE_PDL,
                 )  # fmt: skip
         # The delta is rounded to y's dtype before it is added, as PEFT adds its lora_B output;
         # a delta kept in a buffer of its own (kernels.linear_beside_lora) then sums the same.
@@ -168,8 +169,8 @@ def _expand_chunk(
     acc, r0, used, rank, k, row_ok, n_ok, offs_n, b_rows, h_rows, row_scale,
     stride_bn, stride_hsp,
     RANK_CHUNK: tl.constexpr, R_MAX: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, EVEN_R: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLIT_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_R: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """acc + (h rows r0 .. r0 + RANK_CHUNK - 1 of adapter k, summed over the K splits and
     scaled per row) @ (B rows r0 ...); B rows and h columns at or above ``rank`` count as zero
@@ -177,19 +178,27 @@ def _expand_chunk(
     offs_r = tl.arange(0, RANK_CHUNK)
     r = r0 + offs_r
     live = r < rank
+    # Nothing is loaded for an empty adapter column (slot -1: a K=4 graph running K=2 plans).
     if EVEN_R:  # no chunk crosses r_max
-        hm = row_ok[:, None]
+        hm = row_ok[:, None] & used
         bm = n_ok[None, :] & used
     else:
-        hm = row_ok[:, None] & (r < R_MAX)[None, :]
+        hm = row_ok[:, None] & (r < R_MAX)[None, :] & used
         bm = n_ok[None, :] & (r < R_MAX)[:, None] & used
     bt = tl.load(b_rows + offs_n[None, :] * stride_bn + r[:, None], mask=bm, other=0.0)
     bt = tl.where(live[:, None], bt, tl.zeros_like(bt))
     if USE_PDL:
         gdc_wait()  # the shrink's h is complete and visible past this point
     hs = tl.zeros([BLOCK_M, RANK_CHUNK], dtype=tl.float32)
-    for sp in tl.static_range(NUM_SPLITS):
-        hs += tl.load(h_rows + sp * stride_hsp + k * R_MAX + r[None, :], mask=hm, other=0.0)
+    h_cols = h_rows + k * R_MAX + r[None, :]
+    if SPLIT_GROUP == NUM_SPLITS:  # every partial requested at once (decode configs)
+        for sp in tl.static_range(NUM_SPLITS):
+            hs += tl.load(h_cols + sp * stride_hsp, mask=hm, other=0.0)
+    else:  # SPLIT_GROUP partials at a time: all at once would not fit in registers
+        for sp0 in range(0, NUM_SPLITS, SPLIT_GROUP):
+            for sp in tl.static_range(SPLIT_GROUP):
+                sp_ok = sp0 + sp < NUM_SPLITS
+                hs += tl.load(h_cols + (sp0 + sp) * stride_hsp, mask=hm & sp_ok, other=0.0)
     hs = tl.where(live[None, :], hs * row_scale[:, None], 0.0)
     if UPCAST:  # the interpreter mishandles bf16 arithmetic
         acc += tl.dot(hs, bt.to(tl.float32), input_precision=DOT_PRECISION)
@@ -291,7 +300,8 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
         raise ValueError("lora_expand: scales must be a contiguous [n_slices, slots] tensor")
     if meta.num_active == 0 or meta.grid_tiles == 0:
         return []
-    cfg = config or kernel_config("expand", y.shape[0], max(outs), y.device)
+    # (expand entries with min_work apply to tiles of at least that many adapters)
+    cfg = config or kernel_config("expand", y.shape[0], max(outs), y.device, work=meta.tile_k)
     block_n = min(cfg["BLOCK_N"], max(16, next_pow2(max(outs))))
     kp, chunk = rank_chunk(r_max, meta.tile_k)  # the shrink's chunks, which wrote h
     offs = [sum(outs[:i]) for i in range(n_slices)]
@@ -314,6 +324,7 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
                 RANK_CHUNK=chunk,
                 R_MAX=r_max,
                 NUM_SPLITS=h.shape[0],
+                SPLIT_GROUP=split_group(h.shape[0], meta.tile_k, meta.block_m, chunk, cfg),
                 BLOCK_M=meta.block_m,
                 BLOCK_N=block_n,
                 N_SLICES=g1 - g0,
@@ -331,6 +342,26 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
             tile_offset += n_tiles
         groups.append((g0, g1, ints, passes))
     return groups
+
+
+# Registers a thread may spend on the h partials it has requested at once (the expand sums
+# the shrink's split-K partials). Far past it the compiled kernel spilled without bound: at
+# 1,024 tokens, K=2, 64 splits and 32-row tiles (512 registers' worth), ptxas gave it 7 KB of
+# stack a thread and the launch failed with an illegal memory access on the H100; in groups
+# of 16 it needs 488 bytes and runs (docs/benchmarks.md, fourteenth pass). The tuned configs
+# stay at or under it (decode: 32 splits, K=2 or 4, 128), so they load every partial at once:
+# a budget of 64 split K=2 decode tiles into two rounds and cost them 1.5-2 us.
+_H_REGS = 128
+
+
+def split_group(num_splits: int, tile_k: int, block_m: int, chunk: int, cfg: dict) -> int:
+    """How many split-K partials of h the expand loads at once: all of them when their
+    registers (tile_k adapters x block_m x chunk fp32 values over the threads) fit in
+    ``_H_REGS`` a thread, else the largest power of two that fits (at least 1)."""
+    per_split = tile_k * block_m * chunk // (32 * cfg["num_warps"])
+    if num_splits * per_split <= _H_REGS:
+        return num_splits
+    return 1 << max(0, (_H_REGS // max(1, per_split)).bit_length() - 1)
 
 
 @triton.jit

@@ -8,7 +8,7 @@ from kernels_assert import assert_close
 from kernels_cases import DTYPES, POPULARITY, Batch, make_batch
 
 from kernels import add_lora, add_lora_ref, build_lora_meta
-from kernels.lora_expand_op import zero_rows_without_lora
+from kernels.lora_expand_op import split_group, zero_rows_without_lora
 
 
 def _run(b: Batch, device: torch.device, dtype: torch.dtype, **meta_kw) -> None:
@@ -164,6 +164,44 @@ def test_split_k_uneven(device: torch.device) -> None:
         expand_config={"BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
     )
     assert_close(y, y_ref, atol=1e-4, rtol=1e-4, what="y")
+
+
+def _many_splits(b: Batch, device: torch.device, shrink_config: dict, block_m: int) -> None:
+    meta = build_lora_meta(
+        b.token_slots, b.token_weights, b.num_slots, device, block_m=block_m, mode="plan"
+    )
+    y_ref, y = b.y.clone(), b.y.clone()
+    add_lora_ref(y_ref, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
+    add_lora(
+        y, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta, shrink_config=shrink_config,
+        expand_config={"BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
+    )  # fmt: skip
+    atol, rtol = DTYPES[b.x.dtype]
+    assert_close(y, y_ref, atol=atol, rtol=rtol, what="y")
+
+
+def test_many_splits_are_summed_in_groups(device: torch.device) -> None:
+    """More split-K partials than the expand holds in registers at once (K=2, 32-row tiles,
+    25 splits): it sums them 16 at a time, the last group partial."""
+    b = make_batch(
+        tokens=40, in_features=400, outs=[48], r_max=16, num_slots=5, k=2, device=device, seed=9
+    )
+    cfg = {"BLOCK_K": 16, "SPLIT_K": 25, "num_warps": 4, "num_stages": 1}
+    assert split_group(25, 2, 32, 16, cfg) == 16
+    _many_splits(b, device, cfg, 32)
+
+
+@pytest.mark.gpu
+def test_many_splits_at_prefill_size_on_the_gpu() -> None:
+    """64 splits, K=2 and 32-row tiles over 1,024 tokens: with every partial loaded at once,
+    ptxas gave the expand 7 KB of stack a thread and the launch failed with an illegal
+    memory access on the H100 (docs/benchmarks.md, fourteenth pass)."""
+    cuda = torch.device("cuda")
+    b = make_batch(
+        tokens=1024, in_features=4096, outs=[512], r_max=16, num_slots=8, k=2,
+        dtype=torch.bfloat16, device=cuda, seed=10,
+    )  # fmt: skip
+    _many_splits(b, cuda, {"BLOCK_K": 64, "SPLIT_K": 64, "num_warps": 4, "num_stages": 1}, 32)
 
 
 def test_rows_above_a_rank_never_leak(device: torch.device) -> None:
