@@ -13,7 +13,9 @@ many (tile, adapter, slice) units of work (``grid_tiles * tile_k * slices``), an
 the largest ``min_work`` that fits wins. The token count alone does not say how much work a
 decode step holds: 64 tokens on one adapter are one tile, on 64 adapters 64 tiles. Split-K
 spreads few tiles over the GPU, but every split is a partial sum that the expand reads back,
-so many tiles want fewer splits (measured: docs/benchmarks.md, seventh pass).
+so many tiles want fewer splits (measured: docs/benchmarks.md, seventh pass). Expand entries
+may carry ``min_work`` too, counted there in adapters per tile (the metadata's ``tile_k``): a
+plan-mode tile of K adapters loads K B matrices and makes K dots per program.
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ def kernel_config(
     work: int = 0,
 ) -> dict:
     """Launch parameters of ``op`` ("shrink", "expand" or "fused") for T tokens and size
-    ``dim`` (and, for the fused GEMM, whose entries carry both, ``in_dim``); for the shrink,
-    ``work`` (tile, adapter, slice) units pick among entries with ``min_work``."""
+    ``dim`` (and, for the fused GEMM, whose entries carry both, ``in_dim``); ``work`` picks
+    among entries with ``min_work``: (tile, adapter, slice) units for the shrink, adapters
+    per tile for the expand."""
     return _lookup(gpu_config_name(device), op, num_tokens, dim, in_dim, work)
 
 

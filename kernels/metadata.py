@@ -194,16 +194,20 @@ def _column_layout(slots: np.ndarray, weights: np.ndarray, block_m: int) -> _Lay
 
 
 def _column_is_cheaper(plan: _Layout, column: _Layout, num_tokens: int, k: int) -> bool:
-    """Compare adapter-weight loads per tile (plan tiles load every adapter of their plan,
-    mostly from L2 when plans repeat adapters: weighted 3/8) against column mode's extra
-    passes over x and y. Units of 8 KiB: one rank-16 adapter of a 4096-wide projection is
-    A + B = 256 KiB = 32 units, one token's x row and y row read and written 3 units.
-    (The weight was 1/2 before the shrink's configs took fewer splits on many tiles; with
-    them, measured on the H100 at 64 tokens over top-2 plans of 8 adapters, plan mode costs
-    1.45x K=1 and column mode 1.78x, while at 256-4096 tokens over 64 adapters column mode
-    still wins by 2-8x: docs/benchmarks.md, seventh pass.)"""
+    """Column mode when plan mode's adapter loads (every plan tile loads each adapter of its
+    plan) outnumber column mode's tiles plus its extra passes over y, (k - 1) per token,
+    weighted 1/8 (a token's y row is small beside an adapter's weights, but it is read and
+    written again in every pass).
+
+    Measured on the H100 (docs/benchmarks.md, fourteenth pass), both modes forced, K=2 over 8
+    or 64 adapters: column mode was as fast or faster at every size up to 64 tokens (plan
+    tiles there hold two or three tokens, so plan mode runs many small programs that each
+    reload two adapters), by up to 2.7 us; plan mode was faster at 1,024 tokens over 8
+    adapters (by 2.6 us of 18 at 4096 out) and the two split 256 tokens over 8 adapters (plan
+    0.8 us faster at 4096 out, column 1.3 us at 11008); over 64 adapters from 256 tokens on
+    column mode won by 2.5-11x."""
     plan_loads = int((plan.slots >= 0).sum())
-    return 12 * plan_loads > 32 * len(column.start) + 3 * (k - 1) * num_tokens
+    return 8 * plan_loads > 8 * len(column.start) + (k - 1) * num_tokens
 
 
 def _pick_pad(pad_tiles_to: int | Sequence[int] | None, needed: int) -> int | None:

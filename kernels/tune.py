@@ -241,8 +241,10 @@ def main() -> None:
         if not old:
             raise SystemExit(f"--wide-only needs a tuned {path}")
         cfg = old
-    else:  # keep what other sweeps wrote (the fused GEMM's entries and limits)
+    else:  # keep what other sweeps wrote (the fused GEMM's entries and limits, and the
+        # expand's min_work entries for tiles of several adapters, from bench/kernels_sweep.py)
         cfg = {**old, **tune(args.quick)}
+        cfg["expand"] += [e for e in old.get("expand", []) if "min_work" in e]
     cfg["shrink"] = [e for e in cfg["shrink"] if "min_work" not in e]
     cfg["shrink"] += tune_wide(cfg, args.quick)
     cfg["wide_notes"] = (
