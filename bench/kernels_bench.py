@@ -202,6 +202,7 @@ def main() -> None:
         "--timeline", action="store_true", help="also each kernel's start and length (CUPTI)"
     )
     ap.add_argument("--mode", choices=["plan", "column"], help="metadata mode for K > 1")
+    ap.add_argument("--block-m", type=int, help="rows per tile (default: the GPU's config)")
     ap.add_argument("--shrink-config", type=json.loads, help="e.g. '{\"SPLIT_K\": 8, ...}'")
     ap.add_argument("--expand-config", type=json.loads, help="e.g. '{\"BLOCK_N\": 128, ...}'")
     args = ap.parse_args()
@@ -234,7 +235,9 @@ def main() -> None:
                 for d in sorted({min(d, t * k) for d in args.adapters}):
                     if k > d:
                         continue
-                    kw = {"mode": args.mode} if args.mode and k > 1 else None
+                    kw = {"mode": args.mode} if args.mode and k > 1 else {}
+                    if args.block_m:
+                        kw["block_m"] = args.block_m
                     lines.append(
                         run_case(
                             in_f,

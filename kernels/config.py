@@ -127,14 +127,20 @@ def triton_gemm_beside(rules: list[tuple[int, int, int | None]], tokens: int, ou
     )
 
 
-def block_m_for(num_tokens: int, device: torch.device | str) -> int:
-    """Tokens per tile (the metadata's block_m) for a step of ``num_tokens`` tokens."""
-    return block_m_in(load_config(gpu_config_name(device)), num_tokens)
+def block_m_for(num_tokens: int, device: torch.device | str, adapters_per_tile: int = 1) -> int:
+    """Tokens per tile (the metadata's block_m) for a step of ``num_tokens`` tokens, for tiles
+    of ``adapters_per_tile`` adapters (plan mode with K > 1 may take other heights)."""
+    return block_m_in(load_config(gpu_config_name(device)), num_tokens, adapters_per_tile)
 
 
-def block_m_in(cfg: dict, num_tokens: int) -> int:
-    """``block_m_for`` from a parsed config (the tuner's, before it is written)."""
+def block_m_in(cfg: dict, num_tokens: int, adapters_per_tile: int = 1) -> int:
+    """``block_m_for`` from a parsed config (the tuner's, before it is written). Tiles of
+    several adapters use the ``block_m_multi`` table where the config has one: 32-row K=2
+    tiles were 3-9% slower than 16-row ones at 1,024-4,096 tokens on the H100, their expand
+    spilling registers (docs/benchmarks.md, fourteenth pass)."""
     table = cfg["block_m"]
+    if adapters_per_tile > 1:
+        table = cfg.get("block_m_multi", table)
     for max_tokens, bm in table:
         if num_tokens <= max_tokens:
             return int(bm)
@@ -145,4 +151,5 @@ def token_buckets(device: torch.device | str) -> list[int]:
     """Token counts at which the launch parameters change (each a different compiled kernel)."""
     cfg = load_config(gpu_config_name(device))
     found = {e["max_tokens"] for op in ("shrink", "expand") for e in cfg[op]}
-    return sorted(found | {int(t) for t, _ in cfg["block_m"]})
+    tables = cfg["block_m"] + cfg.get("block_m_multi", [])
+    return sorted(found | {int(t) for t, _ in tables})

@@ -258,7 +258,8 @@ def build_lora_meta(
         device: where the buffers go; default: token_slots' device if CUDA, else CUDA if
             available, else CPU.
         block_m: most rows per tile, a power of two (>= 16 for the kernels, which feed tiles
-            to the tensor cores); default from the GPU's tuned config (by T).
+            to the tensor cores); default from the GPU's tuned config (by T, and for plan
+            tiles of K > 1 adapters by its ``block_m_multi`` table where it has one).
         pad_tiles_to: launch this many programs per expand pass along the tile axis (extra
             tiles are empty), so that a CUDA graph captured with this meta can be replayed
             with another meta of the same T, K, mode and pad; must be >= the tiles needed (T
@@ -287,20 +288,22 @@ def build_lora_meta(
     weights = token_weights.detach().cpu().numpy().astype(np.float32)
     if slots.size and (slots.max() >= num_slots or slots.min() < -1):
         raise ValueError(f"slot indices must lie in [-1, {num_slots})")
+    plan_block_m = block_m
     if block_m is None:
         from kernels.config import block_m_for
 
-        block_m = block_m_for(t, device)
+        block_m, plan_block_m = block_m_for(t, device), block_m_for(t, device, k)
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m={block_m} must be a power of two (the kernels need >= 16)")
 
     slots, weights = _normalize(slots, weights)
-    lay = _plan_layout(slots, weights, block_m)
+    lay = _plan_layout(slots, weights, plan_block_m)  # tiles of k adapters
     if k > 1 and mode != "plan":
-        col = _column_layout(slots, weights, block_m)
+        col = _column_layout(slots, weights, block_m)  # tiles of one adapter
         if mode == "column" or _column_is_cheaper(lay, col, t, k):
             lay, mode = col, "column"
     mode = mode or "plan"
+    block_m = block_m if mode == "column" else plan_block_m
     tile_k = lay.slots.shape[1]
     num_tiles = len(lay.start)
     pad = _pick_pad(pad_tiles_to, max(lay.passes))

@@ -12,6 +12,7 @@ from kernels.config import (
     _pick,
     beside_rules,
     block_m_for,
+    block_m_in,
     kernel_config,
     load_config,
     triton_gemm_beside,
@@ -28,6 +29,7 @@ def _pow2(n: int) -> bool:
 def test_config_file_schema(path) -> None:
     cfg = json.loads(path.read_text())
     assert all(_pow2(bm) and bm >= 16 for _, bm in cfg["block_m"])
+    assert all(_pow2(bm) and bm >= 16 for _, bm in cfg.get("block_m_multi", []))
     for e in cfg["shrink"]:
         assert _pow2(e["BLOCK_K"]) and e["BLOCK_K"] >= 16 and e["SPLIT_K"] >= 1
         assert _pow2(e["num_warps"]) and e["num_stages"] >= 1 and e["max_tokens"] >= 1
@@ -35,6 +37,7 @@ def test_config_file_schema(path) -> None:
     for e in cfg["expand"]:
         assert _pow2(e["BLOCK_N"]) and e["BLOCK_N"] >= 16
         assert _pow2(e["num_warps"]) and e["num_stages"] >= 1 and e["max_tokens"] >= 1
+        assert e.get("min_work", 0) >= 0
     # where our skinny GEMM runs, its fused entries must cover the token counts
     most = max((e["max_tokens"] for e in cfg.get("fused", [])), default=0)
     for entry in cfg.get("beside_triton_gemm_tokens", []):
@@ -120,3 +123,22 @@ def test_cpu_and_unknown_gpus_use_the_default_file() -> None:
     assert {"BLOCK_K", "SPLIT_K", "num_warps", "num_stages"} <= cfg.keys()
     assert "max_tokens" not in cfg
     assert block_m_for(1, "cpu") == 16
+
+
+def test_plan_tiles_of_several_adapters_take_the_multi_table() -> None:
+    """block_m_multi applies to plan tiles of K > 1 adapters only; without it, block_m."""
+    cfg = {"block_m": [[256, 16], [4096, 32]], "block_m_multi": [[4096, 16]]}
+    assert block_m_in(cfg, 1024, 1) == 32
+    assert block_m_in(cfg, 1024, 2) == 16
+    assert block_m_in({"block_m": cfg["block_m"]}, 1024, 2) == 32
+    h100 = load_config("NVIDIA_H100_80GB_HBM3")
+    assert block_m_in(h100, 4096, 2) == 16 and block_m_in(h100, 4096, 1) == 32
+
+
+def test_expand_entries_are_found_by_adapters_per_tile() -> None:
+    """The H100 file's expand min_work entries: tiles of 2-3 adapters at 16-256 tokens take
+    BLOCK_N 256 with 4 warps, tiles of 4 (the engine's K=4 graphs) and of 1 keep 512/8."""
+    name = "NVIDIA_H100_80GB_HBM3"
+    for k, block_n in ((1, 512), (2, 256), (3, 256), (4, 512)):
+        assert _lookup(name, "expand", 64, 11008, None, k)["BLOCK_N"] == block_n
+    assert _lookup(name, "expand", 1024, 4096, None, 2)["BLOCK_N"] == 256
