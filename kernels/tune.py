@@ -196,10 +196,13 @@ def tune_wide(tuned: dict, quick: bool = False) -> list[dict]:
         for d, k, mode in WIDE:
             for o in outs:
                 p = make_problem(t, in_f, o, adapters=d, k=k, seed=t + d + k)
+                # tile heights and expand configs as the kernels pick them at run time
+                multi = k if mode == "plan" else 1
                 meta = build_lora_meta(
-                    p.slots, p.weights, 64, block_m=block_m_in(tuned, t), mode=mode
+                    p.slots, p.weights, 64, block_m=block_m_in(tuned, t, multi), mode=mode
                 )
-                cases.append((p, meta, launch_params(_pick(tuned["expand"], t, o))))
+                expand = _pick(tuned["expand"], t, o, work=meta.tile_k)
+                cases.append((p, meta, launch_params(expand)))
         min_work = min(m.grid_tiles * m.tile_k for _, m, _ in cases)
         own = launch_params(_pick(tuned["shrink"], t, in_f))
         scores = []
