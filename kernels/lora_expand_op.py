@@ -304,6 +304,8 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
     cfg = config or kernel_config("expand", y.shape[0], max(outs), y.device, work=meta.tile_k)
     block_n = min(cfg["BLOCK_N"], max(16, next_pow2(max(outs))))
     kp, chunk = rank_chunk(r_max, meta.tile_k)  # the shrink's chunks, which wrote h
+    splits = h.shape[0]
+    group = split_group(splits, meta.tile_k, meta.block_m, chunk, cfg["num_warps"])
     offs = [sum(outs[:i]) for i in range(n_slices)]
     groups = []
     for g0, g1 in slice_groups(n_slices):
@@ -323,8 +325,8 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
                 KP=kp,
                 RANK_CHUNK=chunk,
                 R_MAX=r_max,
-                NUM_SPLITS=h.shape[0],
-                SPLIT_GROUP=split_group(h.shape[0], meta.tile_k, meta.block_m, chunk, cfg),
+                NUM_SPLITS=splits,
+                SPLIT_GROUP=group,
                 BLOCK_M=meta.block_m,
                 BLOCK_N=block_n,
                 N_SLICES=g1 - g0,
@@ -354,11 +356,11 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
 _H_REGS = 128
 
 
-def split_group(num_splits: int, tile_k: int, block_m: int, chunk: int, cfg: dict) -> int:
+def split_group(num_splits: int, tile_k: int, block_m: int, chunk: int, num_warps: int) -> int:
     """How many split-K partials of h the expand loads at once: all of them when their
     registers (tile_k adapters x block_m x chunk fp32 values over the threads) fit in
     ``_H_REGS`` a thread, else the largest power of two that fits (at least 1)."""
-    per_split = tile_k * block_m * chunk // (32 * cfg["num_warps"])
+    per_split = tile_k * block_m * chunk // (32 * num_warps)
     if num_splits * per_split <= _H_REGS:
         return num_splits
     return 1 << max(0, (_H_REGS // max(1, per_split)).bit_length() - 1)
