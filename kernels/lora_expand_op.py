@@ -3,13 +3,15 @@
 One program per (tile, BLOCK_N columns, slice). For each adapter of the tile's plan it sums
 the shrink's split-K partials, applies each row's mixture weight and the adapter's scale,
 rounds to the weights' dtype (as PEFT does between lora_A and lora_B) and multiplies by the
-adapter's B rows on the tensor cores; the program then writes y once for all of the tile's
-adapters, so y is read and written once per token in plan mode, without atomics (column mode
-runs one launch per column; see kernels.metadata). Slices (fused qkv, gate/up) are a grid
-axis: slice s writes y[:, off_s : off_s + out_s]. Launched as a programmatic dependent of the
-shrink on Hopper: everything that does not depend on h (y, B, weights, scales) is requested
-before ``griddepcontrol.wait``, so it overlaps the shrink; a later column pass is a dependent
-of the pass before it in the same way (B requested early, y after the wait).
+adapter's B rows on the tensor cores (a plan of several adapters stacks them along the dot's
+K dimension: one B load and one dot for all of them); the program then writes y once for all
+of the tile's adapters, so y is read and written once per token in plan mode, without
+atomics (column mode runs one launch per column; see kernels.metadata). Slices (fused qkv,
+gate/up) are a grid axis: slice s writes y[:, off_s : off_s + out_s]. Launched as a
+programmatic dependent of the shrink on Hopper: everything that does not depend on h (y, B,
+weights, scales) is requested before ``griddepcontrol.wait``, so it overlaps the shrink; a
+later column pass is a dependent of the pass before it in the same way (B requested early, y
+after the wait).
 
 Based on: Punica (Chen et al. 2023) SGMV/BGMV expand, S-LoRA (Sheng et al. 2023), vLLM punica
 ops. Ideas only; the code is ours.
@@ -124,28 +126,72 @@ def _lora_expand_kernel(
         if (not STORE) and Y_EARLY:
             y_old = tl.load(y_tile, mask=y_mask, other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        # One dot per adapter of the tile: with a scalar slot, B's rows are contiguous along r
-        # and its loads 16 bytes wide (a stacked, gathered tile's are not). The first rank
-        # chunk is loaded once the slot is known; later ones once its rank is.
-        max_rank = 0
-        for k in tl.static_range(TILE_K):
-            slot = tl.load(tile_slots_ptr + tile * TILE_K + k)
+        if TILE_K == 1:  # one adapter: B's rows from one scalar base (contiguous along r,
+            # 16-byte loads). The first rank chunk is loaded once the slot is known; later
+            # ones once its rank is.
+            slot = tl.load(tile_slots_ptr + tile)
             rank = tl.load(ranks_ptr + s * num_slots + slot, mask=slot >= 0, other=0)
             rank = tl.minimum(rank, R_MAX)
-            max_rank = tl.maximum(max_rank, rank)
+            max_rank = tl.maximum(rank, 0)
             b_rows = b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs
-            w = tl.load(row_weights_ptr + (row0 + offs_m) * TILE_K + k, mask=row_ok)
+            w = tl.load(row_weights_ptr + row0 + offs_m, mask=row_ok)
             scale = tl.load(scales_ptr + s * num_slots + tl.maximum(slot, 0))
-            acc = _expand_chunk(
-                acc, 0, slot >= 0, rank, k, row_ok, n_ok, offs_n, b_rows, h_rows, w * scale,
-                stride_bn, stride_hsp, RANK_CHUNK, R_MAX, NUM_SPLITS, SPLIT_GROUP, BLOCK_M, EVEN_R,
-                UPCAST, DOT_PRECISION, USE_PDL,
+            acc = _expand_one(
+                acc, 0, slot >= 0, rank, row_ok, n_ok, offs_n, b_rows, h_rows, w * scale,
+                stride_bn, stride_hsp, RANK_CHUNK, R_MAX, NUM_SPLITS, SPLIT_GROUP, BLOCK_M,
+                EVEN_R, UPCAST, DOT_PRECISION, USE_PDL,
             )  # fmt: skip
             for r0 in range(RANK_CHUNK, rank, RANK_CHUNK):
-                acc = _expand_chunk(
-                    acc, r0, slot >= 0, rank, k, row_ok, n_ok, offs_n, b_rows, h_rows,
-                    w * scale, stride_bn, stride_hsp, RANK_CHUNK, R_MAX, NUM_SPLITS, SPLIT_GROUP,
-                    BLOCK_M, EVEN_R, UPCAST, DOT_PRECISION, USE_PDL,
+                acc = _expand_one(
+                    acc, r0, slot >= 0, rank, row_ok, n_ok, offs_n, b_rows, h_rows, w * scale,
+                    stride_bn, stride_hsp, RANK_CHUNK, R_MAX, NUM_SPLITS, SPLIT_GROUP, BLOCK_M,
+                    EVEN_R, UPCAST, DOT_PRECISION, USE_PDL,
+                )  # fmt: skip
+        else:
+            # The tile's adapters are stacked along the dot's K dimension, columns j ->
+            # (adapter kj, rank row rj), as in the shrink: one load of all their B rows and
+            # one dot, so that every adapter's B is requested before the wait. (One dot per
+            # adapter put the next adapter's slot, B and h loads after the previous one's wait
+            # and dot: two or three more round trips to memory once the shrink had ended.)
+            # Each column's values are built from the adapters' scalars with selects, not
+            # gathered, so that the compiler sees B's rows contiguous along r in runs of
+            # RANK_CHUNK (16-byte loads); a 3-d [adapter, r, n] tile did that too, but its
+            # layout repeated B across warps.
+            offs_j = tl.arange(0, KP * RANK_CHUNK)
+            kj = offs_j // RANK_CHUNK
+            rj = offs_j % RANK_CHUNK
+            b_off = tl.zeros([KP * RANK_CHUNK], dtype=tl.int64)
+            rank_j = tl.zeros([KP * RANK_CHUNK], dtype=tl.int32)
+            row_scale = tl.zeros([BLOCK_M, KP * RANK_CHUNK], dtype=tl.float32)
+            used_j = kj < 0
+            for k in tl.static_range(TILE_K):
+                slot = tl.load(tile_slots_ptr + tile * TILE_K + k)
+                rank = tl.load(ranks_ptr + s * num_slots + slot, mask=slot >= 0, other=0)
+                scale = tl.load(scales_ptr + s * num_slots + tl.maximum(slot, 0))
+                w = tl.load(row_weights_ptr + (row0 + offs_m) * TILE_K + k, mask=row_ok)
+                mine = kj == k
+                b_off = tl.where(mine, tl.maximum(slot, 0).to(tl.int64) * stride_bs, b_off)
+                rank_j = tl.where(mine, tl.minimum(rank, R_MAX), rank_j)
+                row_scale = tl.where(mine[None, :], (w * scale)[:, None], row_scale)
+                used_j = used_j | (mine & (slot >= 0))  # nothing is loaded for empty columns
+            max_rank = tl.max(rank_j, axis=0)
+            b_rows = b_ptr + b_off[:, None]  # + rank row
+            h_cols = h_rows + kj[None, :] * R_MAX  # + rank row
+            # The first rank chunk is loaded once the slots are known, later ones once the ranks
+            # are.
+            acc = _expand_stacked(
+                acc, 0, used_j, rank_j, rj, row_ok, n_ok, offs_n, b_rows, h_cols, row_scale,
+                stride_bn, stride_hsp, R_MAX, NUM_SPLITS, SPLIT_GROUP, BLOCK_M, EVEN_R, UPCAST,
+                DOT_PRECISION, USE_PDL,
+            )  # fmt: skip
+            # (compiled only where a rank can pass one chunk: the compiler cannot bound a max
+            # of loaded ranks, and the dead loop kept B's and h's pointers live through the
+            # wait, 186 registers against 72 at K=2, r_max 16)
+            for r0 in range(RANK_CHUNK, max_rank if R_MAX > RANK_CHUNK else 0, RANK_CHUNK):
+                acc = _expand_stacked(
+                    acc, r0, used_j, rank_j, rj, row_ok, n_ok, offs_n, b_rows, h_cols, row_scale,
+                    stride_bn, stride_hsp, R_MAX, NUM_SPLITS, SPLIT_GROUP, BLOCK_M, EVEN_R, UPCAST,
+                    DOT_PRECISION, USE_PDL,
                 )  # fmt: skip
         # The delta is rounded to y's dtype before it is added, as PEFT adds its lora_B output;
         # a delta kept in a buffer of its own (kernels.linear_beside_lora) then sums the same.
@@ -165,16 +211,46 @@ def _lora_expand_kernel(
 
 
 @triton.jit
-def _expand_chunk(
-    acc, r0, used, rank, k, row_ok, n_ok, offs_n, b_rows, h_rows, row_scale,
+def _expand_stacked(
+    acc, r0, used_j, rank_j, rj, row_ok, n_ok, offs_n, b_rows, h_cols, row_scale, stride_bn,
+    stride_hsp, R_MAX: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, EVEN_R: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """acc + (h rows r0 + rj of every stacked column j, summed over the K splits and scaled
+    per row and column) @ (the matching B rows), one dot for all the tile's adapters; B rows
+    and h columns at or above their adapter's rank count as zero (B's may hold a previous
+    adapter's weights; h's past the shrink's chunks are unwritten)."""
+    r = r0 + rj
+    live = r < rank_j
+    col_ok = used_j if EVEN_R else used_j & (r < R_MAX)  # EVEN_R: no chunk crosses r_max
+    bt = tl.load(
+        b_rows + offs_n[None, :] * stride_bn + r[:, None],
+        mask=col_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )
+    bt = tl.where(live[:, None], bt, tl.zeros_like(bt))
+    if USE_PDL:
+        gdc_wait()  # the shrink's h is complete and visible past this point
+    hm = row_ok[:, None] & col_ok[None, :]
+    h_cols = h_cols + r[None, :]
+    hs = _sum_splits(h_cols, hm, stride_hsp, BLOCK_M, r.shape[0], NUM_SPLITS, SPLIT_GROUP)
+    hs = tl.where(live[None, :], hs * row_scale, 0.0)
+    return _dot_add(acc, hs, bt, UPCAST, DOT_PRECISION)
+
+
+@triton.jit
+def _expand_one(
+    acc, r0, used, rank, row_ok, n_ok, offs_n, b_rows, h_rows, row_scale,
     stride_bn, stride_hsp,
     RANK_CHUNK: tl.constexpr, R_MAX: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_R: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    """acc + (h rows r0 .. r0 + RANK_CHUNK - 1 of adapter k, summed over the K splits and
-    scaled per row) @ (B rows r0 ...); B rows and h columns at or above ``rank`` count as zero
-    (B's may hold a previous adapter's weights; h's past the shrink's chunks are unwritten)."""
+    """acc + (h rows r0 .. r0 + RANK_CHUNK - 1 of a tile's one adapter, summed over the K
+    splits and scaled per row) @ (B rows r0 ...); B rows and h columns at or above ``rank``
+    count as zero (B's may hold a previous adapter's weights; h's past the shrink's chunks are
+    unwritten)."""
     offs_r = tl.arange(0, RANK_CHUNK)
     r = r0 + offs_r
     live = r < rank
@@ -189,8 +265,20 @@ def _expand_chunk(
     bt = tl.where(live[:, None], bt, tl.zeros_like(bt))
     if USE_PDL:
         gdc_wait()  # the shrink's h is complete and visible past this point
-    hs = tl.zeros([BLOCK_M, RANK_CHUNK], dtype=tl.float32)
-    h_cols = h_rows + k * R_MAX + r[None, :]
+    hs = _sum_splits(h_rows + r[None, :], hm, stride_hsp, BLOCK_M, RANK_CHUNK, NUM_SPLITS,
+                     SPLIT_GROUP)  # fmt: skip
+    hs = tl.where(live[None, :], hs * row_scale[:, None], 0.0)
+    return _dot_add(acc, hs, bt, UPCAST, DOT_PRECISION)
+
+
+@triton.jit
+def _sum_splits(
+    h_cols, hm, stride_hsp, BLOCK_M: tl.constexpr, COLS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT_GROUP: tl.constexpr,
+):  # fmt: skip
+    """The shrink's split-K partials of h at ``h_cols`` ([BLOCK_M, COLS] pointers into split
+    0), summed; masked-off entries are 0."""
+    hs = tl.zeros([BLOCK_M, COLS], dtype=tl.float32)
     if SPLIT_GROUP == NUM_SPLITS:  # every partial requested at once (decode configs)
         for sp in tl.static_range(NUM_SPLITS):
             hs += tl.load(h_cols + sp * stride_hsp, mask=hm, other=0.0)
@@ -199,12 +287,16 @@ def _expand_chunk(
             for sp in tl.static_range(SPLIT_GROUP):
                 sp_ok = sp0 + sp < NUM_SPLITS
                 hs += tl.load(h_cols + (sp0 + sp) * stride_hsp, mask=hm & sp_ok, other=0.0)
-    hs = tl.where(live[None, :], hs * row_scale[:, None], 0.0)
+    return hs
+
+
+@triton.jit
+def _dot_add(acc, hs, bt, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + hs @ bt on the tensor cores, hs rounded to B's dtype (as PEFT rounds lora_A's
+    output before lora_B)."""
     if UPCAST:  # the interpreter mishandles bf16 arithmetic
-        acc += tl.dot(hs, bt.to(tl.float32), input_precision=DOT_PRECISION)
-    else:
-        acc += tl.dot(hs.to(bt.dtype), bt, input_precision=DOT_PRECISION)
-    return acc
+        return acc + tl.dot(hs, bt.to(tl.float32), input_precision=DOT_PRECISION)
+    return acc + tl.dot(hs.to(bt.dtype), bt, input_precision=DOT_PRECISION)
 
 
 _launch_expand = Launcher(_lora_expand_kernel, unspecialized=_UNSPECIALIZED)
@@ -305,7 +397,7 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
     block_n = min(cfg["BLOCK_N"], max(16, next_pow2(max(outs))))
     kp, chunk = rank_chunk(r_max, meta.tile_k)  # the shrink's chunks, which wrote h
     splits = h.shape[0]
-    group = split_group(splits, meta.tile_k, meta.block_m, chunk, cfg["num_warps"])
+    group = split_group(splits, kp, meta.block_m, chunk, cfg["num_warps"])
     offs = [sum(outs[:i]) for i in range(n_slices)]
     groups = []
     for g0, g1 in slice_groups(n_slices):
@@ -356,11 +448,11 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
 _H_REGS = 128
 
 
-def split_group(num_splits: int, tile_k: int, block_m: int, chunk: int, num_warps: int) -> int:
+def split_group(num_splits: int, kp: int, block_m: int, chunk: int, num_warps: int) -> int:
     """How many split-K partials of h the expand loads at once: all of them when their
-    registers (tile_k adapters x block_m x chunk fp32 values over the threads) fit in
+    registers (kp stacked adapters x block_m x chunk fp32 values over the threads) fit in
     ``_H_REGS`` a thread, else the largest power of two that fits (at least 1)."""
-    per_split = tile_k * block_m * chunk // (32 * num_warps)
+    per_split = kp * block_m * chunk // (32 * num_warps)
     if num_splits * per_split <= _H_REGS:
         return num_splits
     return 1 << max(0, (_H_REGS // max(1, per_split)).bit_length() - 1)
