@@ -21,7 +21,12 @@ triton.testing.do_bench (L2 flushed before every call), all measured in the same
 - gather_bmm_ms and loop_ms: torch baselines (gather A/B per token + bmm; one sub-batch per
   adapter, PEFT style), K=1 only;
 - bytes: x read + y read and written + the distinct adapters' A and B; bound_ms: bytes over the
-  device-to-device copy bandwidth measured in this run (read + write counted).
+  device-to-device copy bandwidth measured in this run (read + write counted); ratio_bytes:
+  bytes over the base projection's (x and W read, y written), the ratio_base the delta reaches
+  if it moves its bytes at cuBLAS's rate.
+--flush clean empties the L2 by reading a buffer instead of zeroing it (kernels._bench), so
+that the timed kernels find unmodified lines in it, as a decode step's delta does after its
+GEMM; the default, dirty, is do_bench's.
 Never asserts on time.
 """
 
@@ -50,8 +55,10 @@ from kernels import (  # noqa: E402
 )
 from kernels._bench import (  # noqa: E402
     ADAPTERS,
+    FLUSH_MODES,
     SHAPES,
     TOKENS,
+    base_bytes,
     baseline_inputs,
     bench_ms,
     capture,
@@ -64,6 +71,7 @@ from kernels._bench import (  # noqa: E402
     make_problem,
     paired_replay_ms,
     per_adapter_loop,
+    set_flush_mode,
 )
 
 
@@ -166,6 +174,7 @@ def run_case(
     nbytes = lora_bytes(p, k)
     out["bytes"] = nbytes
     out["bound_ms"] = nbytes / bw / 1e6
+    out["ratio_bytes"] = nbytes / base_bytes(t, in_f, out_f, p.x.element_size())
     # Headline: the marginal cost inside a captured step over the base projection's cuBLAS time
     # (both from the same graphs); also the LoRA graph alone over the eager base time.
     cost = max(out.get("marginal_ms", out["delta_graph_ms"]), 1e-6)  # noise guard
@@ -205,7 +214,11 @@ def main() -> None:
     ap.add_argument("--block-m", type=int, help="rows per tile (default: the GPU's config)")
     ap.add_argument("--shrink-config", type=json.loads, help="e.g. '{\"SPLIT_K\": 8, ...}'")
     ap.add_argument("--expand-config", type=json.loads, help="e.g. '{\"BLOCK_N\": 128, ...}'")
+    ap.add_argument(
+        "--flush", choices=FLUSH_MODES, default="dirty", help="how the L2 is emptied (see above)"
+    )
     args = ap.parse_args()
+    set_flush_mode(args.flush)
     configs = {
         name: cfg
         for name, cfg in (
@@ -220,6 +233,7 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "flush": args.flush,
     }
     bw = copy_bandwidth_gbps()
     lines = [{**head, "case": "copy_bandwidth", "GBps": bw}]
@@ -266,13 +280,14 @@ def summary(lines: list[dict]) -> None:
     print(
         f"\ncopy bandwidth {lines[0]['GBps']:.0f} GB/s; times in us. base: cuBLAS eager; bgr: "
         "cuBLAS in a graph; marg: graph(base + add_lora) - graph(base); alone: graph(add_lora); "
-        "/base = marg/bgr; /bnd = marg/bytes bound; alone/b = alone/base; "
+        "/base = marg/bgr; byt = delta's bytes / base's; /bnd = marg/bytes bound; "
+        "alone/b = alone/base; "
         "bsid: graph(linear_beside_lora + add) - graph(F.linear + add); /b(bs) = bsid/linear"
     )
     print(
         f"{'out':>5} {'T':>4} {'D':>2} {'K':>1} {'mode':>4} {'base':>6} {'bgr':>6} {'marg':>6} "
         f"{'alone':>6} {'bsid':>6} {'/b(bs)':>6} {'nopdl':>6} {'shr':>5} {'exp':>5} {'eager':>6} {'cpu':>4} {'/base':>5} "
-        f"{'alone/b':>7} {'/bnd':>5} {'GB/s':>5} {'gath':>5} {'loop':>6} {'K2/K1':>5} {'K2bs':>5} {'err':>7}"
+        f"{'byt':>4} {'alone/b':>7} {'/bnd':>5} {'GB/s':>5} {'gath':>5} {'loop':>6} {'K2/K1':>5} {'K2bs':>5} {'err':>7}"
     )
     for v in lines[1:]:
         one = k1.get((v["out"], v["tokens"], v["adapters"]))
@@ -289,7 +304,8 @@ def summary(lines: list[dict]) -> None:
             f"{v['beside_marginal_ms'] * 1e3:6.1f} {v['ratio_beside']:6.2f} "
             f"{v['delta_graph_nopdl_ms'] * 1e3:6.1f} {v['shrink_graph_ms'] * 1e3:5.1f} "
             f"{v['expand_graph_ms'] * 1e3:5.1f} {v['delta_ms'] * 1e3:6.1f} "
-            f"{v['eager_cpu_us']:4.0f} {v['ratio_base']:5.2f} {v['ratio_alone']:7.2f} "
+            f"{v['eager_cpu_us']:4.0f} {v['ratio_base']:5.2f} {v['ratio_bytes']:4.2f} "
+            f"{v['ratio_alone']:7.2f} "
             f"{v['ratio_bound']:5.2f} {v['GBps']:5.0f} "
             f"{v.get('gather_bmm_ratio', float('nan')):5.2f} "
             f"{v.get('loop_ratio', float('nan')):6.1f} {k2:5.2f} {k2b:5.2f} {v['rel_err']:7.1e}"

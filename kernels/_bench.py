@@ -9,6 +9,17 @@ from dataclasses import dataclass
 import torch
 import triton.testing
 
+FLUSH_MODES = ("dirty", "clean")
+# How the timers empty the L2 cache before each timed call:
+# - "dirty" (default; what triton.testing.do_bench does): zero a 256 MB buffer, which leaves
+#   the L2 full of modified lines, so every line the timed kernels bring in first writes one
+#   of those back to HBM: a memory-bound kernel's reads cost about twice their bytes;
+# - "clean": read the same buffer, so the L2 holds unmodified lines that are dropped for
+#   free, as in a decode step, where the delta's adapters replace the base weights the GEMM
+#   before it just read.
+_flush_mode = "dirty"
+_FLUSH_KERNEL = {"dirty": "FillFunctor", "clean": "reduce_kernel"}  # names in CUPTI traces
+
 # Llama-2-7B projections (in, out): attention (q/k/v/o) and MLP gate/up.
 SHAPES = [(4096, 4096), (4096, 11008)]
 TOKENS = [1, 16, 64, 256, 1024, 4096]
@@ -74,9 +85,57 @@ def make_problem(
     )
 
 
+def set_flush_mode(mode: str) -> None:
+    """Choose how every timer here empties the L2 before a timed call (see FLUSH_MODES)."""
+    global _flush_mode
+    if mode not in FLUSH_MODES:
+        raise ValueError(f"flush mode {mode!r}; expected one of {FLUSH_MODES}")
+    _flush_mode = mode
+
+
+def flush_mode() -> str:
+    return _flush_mode
+
+
+def _l2_flusher():
+    """A callable that empties the L2 the current way, and the name its kernel has in traces."""
+    buf = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    if _flush_mode == "dirty":
+        return buf.zero_, _FLUSH_KERNEL["dirty"]
+    buf.zero_()
+    return (lambda: buf.max()), _FLUSH_KERNEL["clean"]
+
+
 def bench_ms(fn, *, warmup: int = 25, rep: int = 100) -> float:
-    """Median time of fn (ms), L2 flushed before every call (triton.testing.do_bench)."""
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    """Median time of fn (ms), L2 flushed before every call: triton.testing.do_bench in the
+    "dirty" flush mode; the same protocol (``warmup`` and ``rep`` in ms) with a read-only
+    flush in the "clean" one."""
+    if _flush_mode == "dirty":
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    flush, _ = _l2_flusher()
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        flush()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) / 5, 1e-3)  # ms a call, flush included (as do_bench)
+    for _ in range(max(1, int(warmup / est))):
+        fn()
+    n = max(1, int(rep / est))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(n)]  # fmt: skip
+    for s, e in events:
+        flush()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in events)
+    return float(times[len(times) // 2])
 
 
 def capture(fn) -> torch.cuda.CUDAGraph:
@@ -102,13 +161,14 @@ def paired_replay_ms(
     base: torch.cuda.CUDAGraph, both: torch.cuda.CUDAGraph, *, pairs: int = 100, warmup: int = 10
 ) -> tuple[float, float, float]:
     """(median base, median both, median of the per-pair differences), ms: the two graphs
-    replayed in alternation, L2 flushed before each replay, the order swapped every pair.
+    replayed in alternation, L2 flushed (the current flush mode) before each replay, the
+    order swapped every pair.
 
     The difference of two separate medians (``graph_ms(both) - graph_ms(base)``) carries the
     GPU's drift between the two measurements: on the power-capped H100 a 0.2-0.5 ms prefill
     GEMM moved by 20-50% from run to run, more than the delta it rides on
     (docs/benchmarks.md, seventh pass). Pairs taken back to back see the same clocks."""
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    flush, _ = _l2_flusher()
     for _ in range(warmup):
         base.replay()
         both.replay()
@@ -120,7 +180,7 @@ def paired_replay_ms(
     order = []
     for i in range(pairs):
         for name in ("base", "both") if i % 2 == 0 else ("both", "base"):
-            flush.zero_()
+            flush()
             start, end = events[len(order)]
             start.record()
             (base if name == "base" else both).replay()
@@ -194,6 +254,13 @@ def lora_bytes(p: Problem, k: int = 1) -> int:
     return e * (t * in_f + 2 * t * out_f + p.adapters * r * (in_f + out_f))
 
 
+def base_bytes(t: int, in_f: int, out_f: int, element_size: int = 2) -> int:
+    """Fewest bytes of the base projection y = x @ W.T: x and W read, y written. The delta's
+    bytes over these are the ratio to the base projection that the delta reaches if both
+    move their bytes at the same rate."""
+    return element_size * (t * in_f + out_f * in_f + t * out_f)
+
+
 def traced_kernels(prof, cats: tuple[str, ...] = ("kernel",)) -> list[tuple]:
     """The GPU activities of a finished ``torch.profiler.profile`` whose category is in
     ``cats`` ("kernel", "gpu_memset", "gpu_memcpy"), sorted by start: (start us, end us,
@@ -221,19 +288,19 @@ def kernel_timeline(graph: torch.cuda.CUDAGraph, replays: int = 20) -> list[dict
 
     from torch.profiler import ProfilerActivity, profile
 
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    flush, flush_kernel = _l2_flusher()
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
-            flush.zero_()
+            flush()
             torch.cuda.synchronize()
             graph.replay()
             torch.cuda.synchronize()
     runs, cur = [], []  # per replay: (start, end, name), us from its first kernel's start
     for start, end, _, name, _ in traced_kernels(prof):
-        if "FillFunctor" in name:  # the flush: a replay's kernels follow
+        if flush_kernel in name:  # the flush: a replay's kernels follow
             if cur:
                 runs.append(cur)
             cur = []
