@@ -234,7 +234,7 @@ def _expand_stacked(
         gdc_wait()  # the shrink's h is complete and visible past this point
     hm = row_ok[:, None] & col_ok[None, :]
     h_cols = h_cols + r[None, :]
-    hs = _sum_splits(h_cols, hm, stride_hsp, BLOCK_M, r.shape[0], NUM_SPLITS, SPLIT_GROUP)
+    hs = _sum_splits(h_cols, hm, stride_hsp, BLOCK_M, r.shape[0], NUM_SPLITS, SPLIT_GROUP, True)
     hs = tl.where(live[None, :], hs * row_scale, 0.0)
     return _dot_add(acc, hs, bt, UPCAST, DOT_PRECISION)
 
@@ -266,7 +266,7 @@ def _expand_one(
     if USE_PDL:
         gdc_wait()  # the shrink's h is complete and visible past this point
     hs = _sum_splits(h_rows + r[None, :], hm, stride_hsp, BLOCK_M, RANK_CHUNK, NUM_SPLITS,
-                     SPLIT_GROUP)  # fmt: skip
+                     SPLIT_GROUP, False)  # fmt: skip
     hs = tl.where(live[None, :], hs * row_scale[:, None], 0.0)
     return _dot_add(acc, hs, bt, UPCAST, DOT_PRECISION)
 
@@ -274,12 +274,23 @@ def _expand_one(
 @triton.jit
 def _sum_splits(
     h_cols, hm, stride_hsp, BLOCK_M: tl.constexpr, COLS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLIT_GROUP: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT_GROUP: tl.constexpr, TWO_SUMS: tl.constexpr,
 ):  # fmt: skip
     """The shrink's split-K partials of h at ``h_cols`` ([BLOCK_M, COLS] pointers into split
     0), summed; masked-off entries are 0."""
     hs = tl.zeros([BLOCK_M, COLS], dtype=tl.float32)
-    if SPLIT_GROUP == NUM_SPLITS:  # every partial requested at once (decode configs)
+    if SPLIT_GROUP == NUM_SPLITS and TWO_SUMS and NUM_SPLITS >= 16:  # every partial requested
+        # at once, into two sums: with one, ptxas kept 13 of a stacked K=2 tile's 64 partial
+        # loads in flight (1.5 us more than the per-adapter expand at one token); with two,
+        # 108 (sm_90 SASS compiled on the CPU host). The one-adapter expand keeps one sum:
+        # two took it from 60 to 66 registers.
+        hs1 = tl.zeros([BLOCK_M, COLS], dtype=tl.float32)
+        for sp in tl.static_range(0, NUM_SPLITS, 2):
+            hs += tl.load(h_cols + sp * stride_hsp, mask=hm, other=0.0)
+            if sp + 1 < NUM_SPLITS:
+                hs1 += tl.load(h_cols + (sp + 1) * stride_hsp, mask=hm, other=0.0)
+        hs += hs1
+    elif SPLIT_GROUP == NUM_SPLITS:  # every partial requested at once, one sum
         for sp in tl.static_range(NUM_SPLITS):
             hs += tl.load(h_cols + sp * stride_hsp, mask=hm, other=0.0)
     else:  # SPLIT_GROUP partials at a time: all at once would not fit in registers
