@@ -191,6 +191,17 @@ def test_many_splits_are_summed_in_groups(device: torch.device) -> None:
     _many_splits(b, device, cfg, 32)
 
 
+def test_an_odd_count_of_splits_at_once_into_two_sums(device: torch.device) -> None:
+    """17 split-K partials of K=2 plan tiles (16 rows), all loaded at once: the stacked expand
+    adds 16 or more of them into two sums, the last one alone."""
+    b = make_batch(
+        tokens=40, in_features=272, outs=[48], r_max=16, num_slots=5, k=2, device=device, seed=11
+    )
+    cfg = {"BLOCK_K": 16, "SPLIT_K": 17, "num_warps": 4, "num_stages": 1}
+    assert split_group(17, 2, 16, 16, cfg["num_warps"]) == 17
+    _many_splits(b, device, cfg, 16)
+
+
 @pytest.mark.gpu
 def test_many_splits_at_prefill_size_on_the_gpu() -> None:
     """64 splits, K=2 and 32-row tiles over 1,024 tokens: with every partial loaded at once,
