@@ -93,10 +93,6 @@ def set_flush_mode(mode: str) -> None:
     _flush_mode = mode
 
 
-def flush_mode() -> str:
-    return _flush_mode
-
-
 def _l2_flusher():
     """A callable that empties the L2 the current way, and the name its kernel has in traces."""
     buf = torch.empty(256 << 20, dtype=torch.int8, device="cuda")

@@ -128,7 +128,9 @@ def _lora_expand_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if TILE_K == 1:  # one adapter: B's rows from one scalar base (contiguous along r,
             # 16-byte loads). The first rank chunk is loaded once the slot is known; later
-            # ones once its rank is.
+            # ones once its rank is. (The stacked code below took 70 registers here instead of
+            # 60: 3 programs of 8 warps an SM instead of 4, and 64 adapters at 64 tokens no
+            # longer ran in one wave; docs/benchmarks.md, fifteenth pass.)
             slot = tl.load(tile_slots_ptr + tile)
             rank = tl.load(ranks_ptr + s * num_slots + slot, mask=slot >= 0, other=0)
             rank = tl.minimum(rank, R_MAX)
