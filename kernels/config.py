@@ -15,7 +15,7 @@ decode step holds: 64 tokens on one adapter are one tile, on 64 adapters 64 tile
 spreads few tiles over the GPU, but every split is a partial sum that the expand reads back,
 so many tiles want fewer splits (measured: docs/benchmarks.md, seventh pass). Expand entries
 may carry ``min_work`` too, counted there in adapters per tile (the metadata's ``tile_k``): a
-plan-mode tile of K adapters loads K B matrices and makes K dots per program.
+plan-mode tile of K adapters loads K B matrices per program (stacked, for one dot).
 """
 
 from __future__ import annotations
