@@ -65,7 +65,11 @@ def record_launches(case: str, mode: str | None) -> list[tuple]:
 
 
 def compile_usage(fn, args: tuple, constexprs: dict, options: dict, target: GPUTarget) -> dict:
-    """Bind and specialise a launch as Triton would on the GPU, compile it, read its usage."""
+    """Bind and specialise a launch as Triton would on the GPU, compile it, read its usage.
+
+    (``create_function_from_signature`` and ``JITFunction._pack_args`` are the internals
+    ``JITFunction.run`` uses, in triton 3.6 and 3.7; a Triton that moves them breaks this tool
+    and its test loudly, not the counts quietly.)"""
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kwargs = {**constexprs, **options}
