@@ -24,6 +24,12 @@ triton.testing.do_bench (L2 flushed before every call), all measured in the same
   device-to-device copy bandwidth measured in this run (read + write counted); ratio_bytes:
   bytes over the base projection's (x and W read, y written), the ratio_base the delta reaches
   if it moves its bytes at cuBLAS's rate.
+--read-floor adds, at 1-256 tokens with one adapter a token: weights_bytes (the distinct
+adapters' A and B, which the delta must read from HBM: x and y are in the L2 after the GEMM);
+read_floor_ms, what a plain streaming read of that many bytes adds after the same GEMM
+(paired replays, the fastest of a few launch shapes); ratio_read_floor, that over
+base_graph_ms: the ratio_base a delta reaches if it does nothing but read its weights at the
+rate the hardware gives a read of that size.
 --flush clean empties the L2 by reading a buffer instead of zeroing it (kernels._bench), so
 that the timed kernels find unmodified lines in it, as a decode step's delta does after its
 GEMM; the default, dirty, is do_bench's.
@@ -71,6 +77,7 @@ from kernels._bench import (  # noqa: E402
     make_problem,
     paired_replay_ms,
     per_adapter_loop,
+    read_floor_marginal_ms,
     set_flush_mode,
 )
 
@@ -89,6 +96,7 @@ def run_case(
     meta_kw: dict | None = None,
     configs: dict | None = None,
     timeline: bool = False,
+    read_floor: bool = False,
 ) -> dict:
     p = make_problem(t, in_f, out_f, adapters=d, k=k, seed=t + d + k)
     meta = build_lora_meta(p.slots, p.weights, 64, **(meta_kw or {}))
@@ -167,6 +175,11 @@ def run_case(
         out["ratio_beside"] = max(out["beside_marginal_ms"], 1e-6) / out["linear_graph_ms"]
         if timeline:
             out["timeline"] = kernel_timeline(capture(lambda: (base(), run())))
+        if read_floor and k == 1 and t <= 256:
+            e = p.x.element_size()
+            out["weights_bytes"] = p.adapters * p.a.shape[1] * (in_f + out_f) * e
+            out["read_floor_ms"] = read_floor_marginal_ms(out["weights_bytes"], base, pairs=2 * rep)
+            out["ratio_read_floor"] = out["read_floor_ms"] / out["base_graph_ms"]
     if k == 1:
         idx, scale, groups = baseline_inputs(p)
         out["gather_bmm_ms"] = bench_ms(lambda: gather_bmm(p, idx, scale), rep=rep)
@@ -214,6 +227,9 @@ def main() -> None:
     ap.add_argument("--block-m", type=int, help="rows per tile (default: the GPU's config)")
     ap.add_argument("--shrink-config", type=json.loads, help="e.g. '{\"SPLIT_K\": 8, ...}'")
     ap.add_argument("--expand-config", type=json.loads, help="e.g. '{\"BLOCK_N\": 128, ...}'")
+    ap.add_argument(
+        "--read-floor", action="store_true", help="also the weights' streaming-read floor"
+    )
     ap.add_argument(
         "--flush", choices=FLUSH_MODES, default="dirty", help="how the L2 is emptied (see above)"
     )
@@ -267,6 +283,7 @@ def main() -> None:
                             kw,
                             configs,
                             args.timeline,
+                            args.read_floor,
                         )
                     )
                     print(json.dumps(lines[-1]), flush=True)
@@ -311,6 +328,13 @@ def summary(lines: list[dict]) -> None:
             f"{v.get('loop_ratio', float('nan')):6.1f} {k2:5.2f} {k2b:5.2f} {v['rel_err']:7.1e}"
         )
 
+    for v in lines[1:]:
+        if "read_floor_ms" in v:
+            print(
+                f"read floor {v['out']} T={v['tokens']} D={v['adapters']}: weights "
+                f"{v['weights_bytes'] / 1e6:.1f} MB, read {v['read_floor_ms'] * 1e3:.1f} us after "
+                f"the GEMM, /base {v['ratio_read_floor']:.2f} (delta /base {v['ratio_base']:.2f})"
+            )
     for v in lines[1:]:
         if v.get("timeline"):
             spans = "  ".join(

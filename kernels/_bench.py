@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 import triton.testing
 
 FLUSH_MODES = ("dirty", "clean")
@@ -192,6 +194,45 @@ def paired_replay_ms(
         sorted(times["both"])[mid],
         diffs[mid],
     )
+
+
+@triton.jit
+def _stream_read_kernel(src_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """out[p] = the sum of program p's ITERS x BLOCK consecutive elements of src (fp32): a
+    plain streaming read, every load of a program issued before its first add."""
+    base = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(src_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+# (BLOCK, ITERS, num_warps) tried for the streaming read; the fastest counts
+_STREAM_CONFIGS = ((1024, 4, 4), (2048, 4, 8), (1024, 8, 4), (4096, 2, 8))
+
+
+def stream_read(src: torch.Tensor, block: int = 1024, iters: int = 4, num_warps: int = 4):
+    """Per-program sums of a float32 tensor, read once by :func:`_stream_read_kernel`."""
+    n = src.numel()
+    out = torch.empty(triton.cdiv(n, block * iters), dtype=torch.float32, device=src.device)
+    _stream_read_kernel[(out.numel(),)](src, out, n, BLOCK=block, ITERS=iters,
+                                        num_warps=num_warps)  # fmt: skip
+    return out
+
+
+def read_floor_marginal_ms(nbytes: int, before, *, pairs: int = 100) -> float:
+    """What one streaming read of ``nbytes`` (a fresh buffer, so nothing of it is in the L2)
+    adds after ``before`` in a CUDA graph: the median paired difference (paired_replay_ms),
+    the fastest of a few launch shapes. A floor for a delta that must read that many bytes
+    of adapter weights after its GEMM, at the rate the hardware gives a read of that size."""
+    src = torch.randn(max(1, nbytes // 4), device="cuda")
+    base = capture(before)
+    best = float("inf")
+    for block, iters, warps in _STREAM_CONFIGS:
+        both = capture(lambda b=block, i=iters, w=warps: (before(), stream_read(src, b, i, w)))
+        best = min(best, paired_replay_ms(base, both, pairs=pairs)[2])
+    return best
 
 
 def eager_cpu_us(fn, calls: int = 50) -> float:
