@@ -64,6 +64,7 @@ from kernels._bench import (  # noqa: E402
     FLUSH_MODES,
     SHAPES,
     TOKENS,
+    adapter_bytes,
     base_bytes,
     baseline_inputs,
     bench_ms,
@@ -176,8 +177,7 @@ def run_case(
         if timeline:
             out["timeline"] = kernel_timeline(capture(lambda: (base(), run())))
         if read_floor and k == 1 and t <= 256:
-            e = p.x.element_size()
-            out["weights_bytes"] = p.adapters * p.a.shape[1] * (in_f + out_f) * e
+            out["weights_bytes"] = adapter_bytes(p)
             out["read_floor_ms"] = read_floor_marginal_ms(out["weights_bytes"], base, pairs=2 * rep)
             out["ratio_read_floor"] = out["read_floor_ms"] / out["base_graph_ms"]
     if k == 1:

@@ -284,11 +284,18 @@ def baseline_inputs(p: Problem) -> tuple[torch.Tensor, torch.Tensor, list]:
     return idx, scale, groups
 
 
+def adapter_bytes(p: Problem) -> int:
+    """The distinct adapters' A and B: what a delta must bring from HBM after its GEMM (x and
+    y are then in the L2)."""
+    in_f, out_f, r = p.x.shape[1], p.y.shape[1], p.a.shape[1]
+    return p.adapters * r * (in_f + out_f) * p.x.element_size()
+
+
 def lora_bytes(p: Problem, k: int = 1) -> int:
     """Fewest bytes: x read, y read and written, the distinct adapters' A and B."""
     t, in_f = p.x.shape
-    out_f, r, e = p.y.shape[1], p.a.shape[1], p.x.element_size()
-    return e * (t * in_f + 2 * t * out_f + p.adapters * r * (in_f + out_f))
+    out_f, e = p.y.shape[1], p.x.element_size()
+    return e * (t * in_f + 2 * t * out_f) + adapter_bytes(p)
 
 
 def base_bytes(t: int, in_f: int, out_f: int, element_size: int = 2) -> int:
