@@ -1,6 +1,6 @@
 """Benchmark (and sweep) of fused_linear_lora: the base projection with the delta in its epilogue.
 
-    python bench/fused_linear_bench.py [--sweep] [--tokens T ...] [--out results.jsonl]
+    python bench/fused_linear_bench.py [--sweep | --sweep-shrink] [--tokens T ...] [--out results.jsonl]
 
 One JSON line per case. Projections of Llama-2-7B as the engine runs them (bf16, rank 16):
 o (4096->4096), down (11008->4096), qkv (4096->3x4096, three slices), gate/up (4096->2x11008,
@@ -22,7 +22,8 @@ flushed), all in the same run:
 
 --sweep [--write] times the GEMM's launch parameters (no adapters, then the best few with 8
 adapters) and prints the best per (projection, tokens) as config entries for kernels/configs/
-(--write puts them there).
+(--write puts them there). --sweep-shrink [--write] then tunes each entry's shrink shape
+(SHRINK_SPLIT_K, SHRINK_BLOCK_K, SHRINK_STAGES, SHRINK_WARPS) with 1 and 8 adapters.
 Never asserts on time.
 """
 
@@ -56,6 +57,7 @@ from kernels.config import (  # noqa: E402
     kernel_config,
     load_config,
 )
+from kernels.fused_linear_lora_op import fused_shrink_config  # noqa: E402
 
 # name: (in, [out per slice])
 PROJECTIONS = {
@@ -105,8 +107,7 @@ def run_case(name: str, tokens: int, adapters: int, k: int, rep: int) -> dict:
     )
     # diagnostics: the fused path's shrink alone, and the pair without programmatic launch
     cfg = kernel_config("fused", tokens, w.shape[0], x.device, x.shape[1])
-    shrink_cfg = {**kernel_config("shrink", tokens, x.shape[1], x.device),
-                  "SPLIT_K": cfg.get("SHRINK_SPLIT_K", 4)}  # fmt: skip
+    shrink_cfg = fused_shrink_config(cfg, tokens, x.shape[1], x.device)
     out["shrink_ms"] = graph_ms(lambda: lora_shrink(x, la, ranks, meta, config=shrink_cfg), rep=rep)
     os.environ["LORASERVE_KERNELS_PDL"] = "0"
     try:
@@ -201,10 +202,60 @@ def sweep(tokens: list[int], rep: int, write: bool) -> None:
         print(json.dumps({"sweep": "written", "path": str(path), "entries": len(entries)}))
 
 
+# The shrink's launch shapes --sweep-shrink tries on the fused path
+SHRINK_SHAPES = [
+    {"SHRINK_SPLIT_K": sk, "SHRINK_BLOCK_K": bk, "SHRINK_STAGES": st, "SHRINK_WARPS": nw}
+    for sk, bk, st, nw in itertools.product([1, 2, 4, 8], [256, 512], [2, 4], [4, 8])
+]
+
+
+def sweep_shrink(rep: int, write: bool) -> None:
+    """Per fused entry of the GPU's config file, keep its GEMM and walk parameters and time
+    every shrink shape of SHRINK_SHAPES on the entry's projection at its token bound, with one
+    adapter and with 8 (K=1); keep the shape with the lowest sum of the two. The shrink runs
+    beside the GEMM there, so its best shape is not the unfused path's. --write updates the
+    entries in place. Variants compile on a thread pool first."""
+    by_shape = {(ins, sum(outs)): name for name, (ins, outs) in PROJECTIONS.items()}
+    path = CONFIG_DIR / f"{gpu_config_name('cuda')}.json"
+    cfg_file = json.loads(path.read_text())
+    plan = []
+    for entry in cfg_file["fused"]:
+        name = by_shape.get((entry.get("in"), entry["dim"]))
+        if name is None:
+            continue
+        base = {k: v for k, v in entry.items() if k not in ("max_tokens", "dim", "in")}
+        cases = [operands(name, entry["max_tokens"], d, 1) for d in (1, 8)]
+        plan.append((entry, name, base, cases))
+    with compile_only():
+        for _, _, base, cases in plan:
+            for ops, shape in itertools.product(cases, SHRINK_SHAPES):
+                x, w, (la, lb), ranks, scales, meta, _ = ops
+                fused_linear_lora(x, w, None, la, lb, ranks, scales, meta, config={**base, **shape})
+    for entry, name, base, cases in plan:
+        timed = []
+        for shape in [{}, *SHRINK_SHAPES]:  # {}: the entry as it is
+            try:
+                ms = sum(_timed(ops, {**base, **shape}, True, rep) for ops in cases)
+            except Exception as e:  # out of shared memory or registers: skip the shape
+                print(json.dumps({"sweep": "skip", "shape": shape, "error": repr(e)[:160]}))
+                continue
+            timed.append((ms, shape))
+        (best_ms, best), (now_ms, _) = min(timed, key=lambda v: v[0]), timed[0]
+        entry.update(best)
+        print(json.dumps({"sweep": "shrink", "proj": name, "tokens": entry["max_tokens"],
+                          "sum_ms_before": now_ms, "sum_ms": best_ms, "entry": entry}),
+              flush=True)  # fmt: skip
+    if write:
+        path.write_text(json.dumps(cfg_file, indent=1) + "\n")
+        print(json.dumps({"sweep": "written", "path": str(path), "entries": len(plan)}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--write", action="store_true", help="with --sweep: update the config")
+    ap.add_argument("--sweep-shrink", action="store_true",
+                    help="tune the fused path's shrink shape per config entry")  # fmt: skip
+    ap.add_argument("--write", action="store_true", help="with a sweep: update the config")
     ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     ap.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2])
@@ -219,6 +270,9 @@ def main() -> None:
         for entry in load_config(gpu_config_name("cuda"))["fused"]:
             entry.update(overrides)
         _lookup.cache_clear()
+    if args.sweep_shrink:
+        sweep_shrink(args.rep, args.write)
+        return
     if args.sweep:
         sweep(args.tokens if args.tokens != TOKENS else SWEEP_TOKENS, args.rep, args.write)
         return

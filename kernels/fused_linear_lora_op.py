@@ -60,6 +60,16 @@ from kernels.metadata import LoraBatchMeta
 # The shrink's K splits on this path (config key SHRINK_SPLIT_K): every program of the GEMM
 # sums the partials of its rows, so the unfused path's 32 splits would cost each 32 loads.
 _SHRINK_SPLIT_K = 4
+# The shrink's own launch shape on this path, where the fused config gives one: config key ->
+# the shrink config's key. Its programs run beside the GEMM's, which fill the GPU in one
+# wave: a few programs with long pipelined loads (1-2 splits, BLOCK_K 512, 4 stages) took
+# 1-6 us less than the unfused path's shape with fewer splits (seventeenth pass).
+_SHRINK_KEYS = {
+    "SHRINK_SPLIT_K": "SPLIT_K",
+    "SHRINK_BLOCK_K": "BLOCK_K",
+    "SHRINK_STAGES": "num_stages",
+    "SHRINK_WARPS": "num_warps",
+}
 # Adapters per step of the epilogue's walk (config key SLOTS_PER_STEP): their B tiles are
 # loaded together, so the walk waits for memory once per group instead of once per adapter.
 _SLOTS_PER_STEP = 4
@@ -216,6 +226,15 @@ def _fused_linear_lora_kernel(
 _launch_fused = Launcher(_fused_linear_lora_kernel, unspecialized=_UNSPECIALIZED)
 
 
+def fused_shrink_config(cfg: dict, tokens: int, in_features: int, device) -> dict:
+    """The shrink's launch parameters on the fused path: the fused config's SHRINK_* keys
+    over the shrink's own tuned config for ``tokens`` (SHRINK_SPLIT_K defaulting to 4)."""
+    out = dict(kernel_config("shrink", tokens, in_features, device))
+    out["SPLIT_K"] = _SHRINK_SPLIT_K
+    out.update({key: cfg[name] for name, key in _SHRINK_KEYS.items() if name in cfg})
+    return out
+
+
 def fused_supported(lora_b: Sequence[torch.Tensor] | None) -> bool:
     """Whether one launch covers the projection's slices (at most 3: fused qkv, gate/up)."""
     return lora_b is None or len(lora_b) <= SLICES_PER_LAUNCH
@@ -272,8 +291,9 @@ def fused_linear_lora(
             or all None for the base GEMM alone.
         meta: the step's :class:`LoraBatchMeta`, or None.
         config: launch parameters overriding the tuned ones (BLOCK_M, BLOCK_N, BLOCK_K,
-            num_warps, num_stages, SHRINK_SPLIT_K, SLOTS_PER_STEP).
-        shrink_config: the shrink's (default: the tuned one with SHRINK_SPLIT_K splits).
+            num_warps, num_stages, SLOTS_PER_STEP, and the shrink's SHRINK_SPLIT_K,
+            SHRINK_BLOCK_K, SHRINK_STAGES, SHRINK_WARPS).
+        shrink_config: the shrink's (default: :func:`fused_shrink_config`).
     """
     if x.dim() != 2 or x.stride(1) != 1 or weight.dim() != 2 or weight.stride(1) != 1:
         raise ValueError("fused_linear_lora: x [T, in] and weight [out, in] need contiguous rows")
@@ -322,8 +342,7 @@ def fused_linear_lora(
     pdl = lora and pdl_supported(x.device)
     if lora:
         if shrink_config is None:
-            shrink_config = dict(kernel_config("shrink", t, in_features, x.device))
-            shrink_config["SPLIT_K"] = cfg.get("SHRINK_SPLIT_K", _SHRINK_SPLIT_K)
+            shrink_config = fused_shrink_config(cfg, t, in_features, x.device)
         h = lora_shrink(x, lora_a, ranks, meta, config=shrink_config)
         slots, r_max = lora_b[0].shape[0], lora_b[0].shape[2]
         b = pad3(lora_b, lora_b[0])

@@ -9,6 +9,7 @@ from kernels_assert import assert_close
 from kernels_cases import DTYPES, linear_weights, make_batch
 
 from kernels import add_lora_ref, build_lora_meta, fused_linear_lora
+from kernels.fused_linear_lora_op import fused_shrink_config
 
 
 def _check(device, dtype, *, tokens, in_features, outs, r_max=16, k=1, popularity="uniform",
@@ -101,3 +102,16 @@ def test_fused_rejects_bad_operands(device) -> None:
             x, torch.zeros(8, 32, device=device), torch.zeros(7, device=device),
             None, None, None, None, None,
         )  # fmt: skip
+
+
+def test_fused_shrink_shape_comes_from_the_fused_config(device) -> None:
+    """The fused path's shrink takes its own shape from the fused entry's SHRINK_* keys (one
+    split, no pipelining here), over the shrink's tuned config, and the pair still matches."""
+    keys = {"SHRINK_SPLIT_K": 1, "SHRINK_BLOCK_K": 32, "SHRINK_STAGES": 1, "SHRINK_WARPS": 4}
+    shrink = fused_shrink_config(keys, 19, 64, device)
+    assert shrink["SPLIT_K"] == 1 and shrink["BLOCK_K"] == 32
+    assert shrink["num_stages"] == 1 and shrink["num_warps"] == 4
+    assert fused_shrink_config({}, 19, 64, device)["SPLIT_K"] == 4  # the path's default
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1,
+              "SLOTS_PER_STEP": 4, **keys}  # fmt: skip
+    _check(device, torch.float16, tokens=19, in_features=64, outs=[40], k=2, config=config)
