@@ -115,3 +115,13 @@ def test_fused_shrink_shape_comes_from_the_fused_config(device) -> None:
     config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1,
               "SLOTS_PER_STEP": 4, **keys}  # fmt: skip
     _check(device, torch.float16, tokens=19, in_features=64, outs=[40], k=2, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [16, 64])
+def test_fused_at_7b_size_with_four_adapters_a_token_on_the_gpu(tokens: int) -> None:
+    """The tuned fused configs at a 7B projection with K=4 plans (the engine captures its
+    mixture graphs with K=4): the shrink shape tuned on one adapter a token needed more
+    shared memory than the H100 has with four, until its stages were fitted."""
+    _check(torch.device("cuda"), torch.bfloat16, tokens=tokens, in_features=4096, outs=[4096],
+           k=4, popularity="zipf", bias=False)  # fmt: skip

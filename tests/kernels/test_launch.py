@@ -10,6 +10,7 @@ from kernels_assert import assert_close
 from kernels_cases import make_batch
 
 from kernels import add_lora, add_lora_ref, build_lora_meta
+from kernels._common import fit_stages
 from kernels._launch import Launcher
 from kernels.lora_expand_op import _launch_expand
 from kernels.lora_shrink_op import _lora_shrink_kernel
@@ -102,3 +103,14 @@ def test_direct_launches_equal_the_reference_also_for_a_misaligned_operand() -> 
         y = b.y.clone()
         add_lora(y, x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
         assert_close(y, y_ref, atol=6e-2, rtol=2e-2, what="y")
+
+
+def test_fit_stages_keeps_the_pipeline_within_shared_memory() -> None:
+    """s stages hold s - 1 copies of a stage's tiles; stages drop until they fit, never below
+    one. The case is the fused path's 7B shrink with four adapters a token: 16 x rows and 64
+    stacked A columns over 512-wide K blocks, bf16, 4 stages (240 KB against the H100's 227)."""
+    stage = (16 + 64) * 512 * 2
+    assert fit_stages(4, stage, 232448) == 3
+    assert fit_stages(4, stage, 10**9) == 4
+    assert fit_stages(4, stage, 1) == 1
+    assert fit_stages(1, stage, 1) == 1
