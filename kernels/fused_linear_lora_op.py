@@ -20,11 +20,12 @@ and rounded once; the two rounded values are added and rounded.
 Slices (fused qkv, gate/up) are a grid axis, as in the expand: slice s owns columns
 [off_s, off_s + out_s) of y and the same rows of W.
 
-Measured on the H100 (docs/benchmarks.md, sixth pass): with one adapter, or a few at 1-16
-tokens, the pair costs 0.96-1.10x cuBLAS's projection alone; with many adapters the epilogue's
-walk over them, after the main loop, costs more than the unfused kernels running beside the
-GEMM, and so does a whole 7B decode step at 32 and 64 tokens. The engine uses it where the
-GPU's config says it wins (``fused_max_tokens``). Without a delta it is a skinny GEMM that
+Measured on the H100 (docs/benchmarks.md, seventeenth pass): with one or two adapters at 1-16
+tokens the pair costs 0.98-1.09x cuBLAS's projection alone, with 8 at 16-64 tokens on gate/up
+1.05-1.07x; with many adapters the epilogue's walk over them, after the main loop, costs more
+than the unfused kernels running beside the GEMM, and whole 7B decode steps at 8-64 tokens
+stay faster with the delta beside the GEMM. The engine uses it where the GPU's config says it
+wins (``fused_max_tokens``). Without a delta it is a skinny GEMM that
 beat cuBLAS in whole 7B decode steps at 1-64 tokens on the H100 (ninth pass): the engine's
 base projections use it there, and steps with adapters run it beside the delta's kernels at
 the token counts where that measured faster (:func:`kernels.linear_beside_lora`).
