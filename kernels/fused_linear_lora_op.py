@@ -21,8 +21,8 @@ Slices (fused qkv, gate/up) are a grid axis, as in the expand: slice s owns colu
 [off_s, off_s + out_s) of y and the same rows of W.
 
 Measured on the H100 (docs/benchmarks.md, seventeenth pass): with one or two adapters at 1-16
-tokens the pair costs 0.98-1.09x cuBLAS's projection alone, with 8 at 16-64 tokens on gate/up
-1.05-1.07x; with many adapters the epilogue's walk over them, after the main loop, costs more
+tokens the pair costs 0.98-1.09x cuBLAS's projection alone, on gate/up with 8 at 16-64 tokens
+1.05-1.08x (K=2 at 64 tokens: 1.14); with many adapters the epilogue's walk over them, after the main loop, costs more
 than the unfused kernels running beside the GEMM, and whole 7B decode steps at 8-64 tokens
 stay faster with the delta beside the GEMM. The engine uses it where the GPU's config says it
 wins (``fused_max_tokens``). Without a delta it is a skinny GEMM that
