@@ -55,7 +55,7 @@ def fit_stages(num_stages: int, stage_bytes: int, limit: int) -> int:
     """The most software-pipeline stages, at most ``num_stages``, whose buffers fit in
     ``limit`` bytes, at least 1: a loop of s stages keeps s - 1 copies of the tiles it loads
     (``stage_bytes`` a copy) in shared memory. (The shrink compiled for sm_90 with 3 stages,
-    a 16 x 128 x tile and a 128 x 32 A tile in bf16, takes 24 KB: 2 x 12 KB.)"""
+    a 16 x 128 tile of x and a 128 x 32 tile of A in bf16, takes 24 KB: 2 x 12 KB.)"""
     while num_stages > 1 and (num_stages - 1) * stage_bytes > limit:
         num_stages -= 1
     return num_stages

@@ -22,13 +22,13 @@ Slices (fused qkv, gate/up) are a grid axis, as in the expand: slice s owns colu
 
 Measured on the H100 (docs/benchmarks.md, seventeenth pass): with one or two adapters at 1-16
 tokens the pair costs 0.98-1.09x cuBLAS's projection alone, on gate/up with 8 at 16-64 tokens
-1.05-1.08x (K=2 at 64 tokens: 1.14); with many adapters the epilogue's walk over them, after the main loop, costs more
-than the unfused kernels running beside the GEMM, and whole 7B decode steps at 8-64 tokens
-stay faster with the delta beside the GEMM. The engine uses it where the GPU's config says it
-wins (``fused_max_tokens``). Without a delta it is a skinny GEMM that
-beat cuBLAS in whole 7B decode steps at 1-64 tokens on the H100 (ninth pass): the engine's
-base projections use it there, and steps with adapters run it beside the delta's kernels at
-the token counts where that measured faster (:func:`kernels.linear_beside_lora`).
+1.05-1.08x (K=2 at 64 tokens: 1.14); with many adapters the epilogue's walk over them, after
+the main loop, costs more than the unfused kernels running beside the GEMM, and whole 7B
+decode steps at 8-64 tokens stay faster with the delta beside the GEMM. The engine uses it
+where the GPU's config says it wins (``fused_max_tokens``). Without a delta it is a skinny
+GEMM that beat cuBLAS in whole 7B decode steps at 1-64 tokens on the H100 (ninth pass): the
+engine's base projections use it there, and steps with adapters run it beside the delta's
+kernels at the token counts where that measured faster (:func:`kernels.linear_beside_lora`).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ from kernels.metadata import LoraBatchMeta
 _SHRINK_SPLIT_K = 4
 # The shrink's own launch shape on this path, where the fused config gives one: config key ->
 # the shrink config's key. Its programs run beside the GEMM's, which fill the GPU in one
-# wave: a few programs with long pipelined loads (1-2 splits, BLOCK_K 512, 4 stages) took
-# 1-6 us less than the unfused path's shape with fewer splits (seventeenth pass).
+# wave: a few programs with long pipelined loads (1-4 splits, BLOCK_K 256-512, mostly 4
+# stages) took 1-6 us less than the unfused path's shape with fewer splits (seventeenth pass).
 _SHRINK_KEYS = {
     "SHRINK_SPLIT_K": "SPLIT_K",
     "SHRINK_BLOCK_K": "BLOCK_K",
