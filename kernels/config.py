@@ -16,6 +16,8 @@ spreads few tiles over the GPU, but every split is a partial sum that the expand
 so many tiles want fewer splits (measured: docs/benchmarks.md, seventh pass). Expand entries
 may carry ``min_work`` too, counted there in adapters per tile (the metadata's ``tile_k``): a
 plan-mode tile of K adapters loads K B matrices per program (stacked, for one dot).
+Top-level keys beside the op lists set GPU-wide choices: ``block_m`` tables,
+``fused_max_tokens``, ``beside_triton_gemm_tokens``, ``expand_y_chunk_bytes``.
 """
 
 from __future__ import annotations
@@ -102,6 +104,13 @@ def fused_max_tokens(device: torch.device | str, lora: bool) -> int:
     Measured per GPU (docs/benchmarks.md); GPUs without a file keep cuBLAS."""
     limits = load_config(gpu_config_name(device)).get("fused_max_tokens", {})
     return int(limits.get("lora" if lora else "base", 0))
+
+
+def expand_chunk_bytes(device: torch.device | str) -> int:
+    """Most bytes of y that one launch of a column-mode expand pass covers before the next
+    pass covers the same columns (``expand_y_chunk_bytes`` in the GPU's config; 0, the
+    default, runs each pass over all of y; see :func:`kernels.lora_expand_op.chunk_blocks`)."""
+    return int(load_config(gpu_config_name(device)).get("expand_y_chunk_bytes", 0))
 
 
 def beside_triton_gemm_tokens(device: torch.device | str) -> list[tuple[int, int, int | None]]:

@@ -8,7 +8,7 @@ from kernels_assert import assert_close
 from kernels_cases import DTYPES, POPULARITY, Batch, make_batch
 
 from kernels import add_lora, add_lora_ref, build_lora_meta
-from kernels.lora_expand_op import split_group, zero_rows_without_lora
+from kernels.lora_expand_op import chunk_blocks, split_group, zero_rows_without_lora
 
 
 def _run(b: Batch, device: torch.device, dtype: torch.dtype, **meta_kw) -> None:
@@ -213,6 +213,66 @@ def test_many_splits_at_prefill_size_on_the_gpu() -> None:
         dtype=torch.bfloat16, device=cuda, seed=10,
     )  # fmt: skip
     _many_splits(b, cuda, {"BLOCK_K": 64, "SPLIT_K": 64, "num_warps": 4, "num_stages": 1}, 32)
+
+
+def test_chunk_blocks() -> None:
+    """Column passes are chunked only with several passes and a y larger than a chunk; the
+    chunks then cover every block, none over the byte limit where blocks allow it."""
+    assert chunk_blocks(43, 90 << 20, 1, 20 << 20) == 43  # plan mode: one pass
+    assert chunk_blocks(43, 90 << 20, 2, 0) == 43  # no limit configured
+    assert chunk_blocks(43, 16 << 20, 2, 20 << 20) == 43  # y fits in one chunk
+    assert chunk_blocks(43, 90 << 20, 2, 20 << 20) == 9  # 5 chunks: 9, 9, 9, 9, 7 blocks
+    assert chunk_blocks(16, 32 << 20, 2, 16 << 20) == 8
+    assert chunk_blocks(3, 1 << 30, 4, 1) == 1  # at most one chunk per block
+
+
+def _chunked_and_whole(b: Batch, device: torch.device, store: bool, **expand) -> None:
+    meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, device, mode="column")
+    assert (
+        meta.mode == "column" and len([n for n in meta.pass_tiles if n]) == b.token_slots.shape[1]
+    )
+    want = torch.zeros_like(b.y) if store else b.y.clone()
+    add_lora_ref(want, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
+    idle = (b.token_slots < 0).all(dim=1).to(device)
+    ys = []
+    for chunk_bytes in (0, expand.pop("chunk_bytes")):
+        y = b.y.clone()
+        add_lora(y, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, meta, store=store,
+                 expand_config={**expand, "Y_CHUNK_BYTES": chunk_bytes})  # fmt: skip
+        ys.append(y)
+    whole, chunked = ys
+    # every element gets its passes' adds in the same order, so the bits are the same
+    assert torch.equal(chunked, whole), "chunked column passes changed y"
+    atol, rtol = DTYPES[b.y.dtype]
+    assert_close(chunked[~idle], want[~idle], atol=atol, rtol=rtol, what="y, chunked passes")
+    assert torch.equal(chunked[idle], b.y[idle]), "a base-only token's row changed"
+
+
+@pytest.mark.parametrize(("k", "store"), [(2, False), (4, False), (2, True)])
+def test_column_passes_chunk_by_chunk_of_y(device: torch.device, k: int, store: bool) -> None:
+    """Column mode with y's columns in chunks (Y_CHUNK_BYTES): every pass over one chunk,
+    then the next; two slices of other widths, 3 chunks of 16-column blocks."""
+    b = make_batch(
+        tokens=29, in_features=48, outs=[40, 24], r_max=16, num_slots=6, k=k,
+        dtype=torch.float16, device=device, seed=20 + k,
+    )  # fmt: skip
+    y_bytes = b.y.numel() * b.y.element_size()
+    assert chunk_blocks(3, y_bytes, k, y_bytes // 3 + 1) == 1
+    _chunked_and_whole(b, device, store, BLOCK_N=16, num_warps=4, num_stages=1,
+                       chunk_bytes=y_bytes // 3 + 1)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_column_passes_chunk_by_chunk_at_prefill_size_on_the_gpu() -> None:
+    """The same at 1,024 tokens, 4096 out, K=2 over 64 slots, bf16, 4 chunks: each chunk's
+    first pass is a programmatic dependent of the previous chunk's last."""
+    cuda = torch.device("cuda")
+    b = make_batch(
+        tokens=1024, in_features=4096, outs=[4096], r_max=16, num_slots=64, k=2,
+        dtype=torch.bfloat16, device=cuda, seed=21,
+    )  # fmt: skip
+    _chunked_and_whole(b, cuda, False, BLOCK_N=256, num_warps=4, num_stages=1,
+                       chunk_bytes=2 << 20)  # fmt: skip
 
 
 def test_rows_above_a_rank_never_leak(device: torch.device) -> None:
