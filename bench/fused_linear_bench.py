@@ -18,7 +18,11 @@ flushed), all in the same run:
 - ratio_fused = fused_ms / cublas_ms (the stretch goal: <= 1.1); ratio_delta = (fused_ms -
   cublas_ms) / cublas_ms (the kernel issue's metric: what the adapters add over the base
   projection); ratio_epilogue = (fused_ms - triton_ms) / cublas_ms (what the delta costs
-  inside our own GEMM); weight_GBps: the weight's bytes over triton_ms.
+  inside our own GEMM); weight_GBps: the weight's bytes over triton_ms;
+- bytes_ratio: the fused kernel's fewest bytes (x, W and the distinct adapters' A and B read,
+  y written) over the base projection's (x and W read, y written), the ratio_fused it reaches
+  if it moves its bytes at cuBLAS's rate; stretch_bytes_ok: bytes_ratio <= 1.1 (otherwise no
+  kernel that reads those weights once meets the stretch goal at the base projection's rate).
 
 --sweep [--write] times the GEMM's launch parameters (no adapters, then the best few with 8
 adapters) and prints the best per (projection, tokens) as config entries for kernels/configs/
@@ -48,7 +52,7 @@ from kernels import (  # noqa: E402
     linear_beside_lora,
     lora_shrink,
 )
-from kernels._bench import graph_ms, make_problem  # noqa: E402
+from kernels._bench import base_bytes, graph_ms, make_problem  # noqa: E402
 from kernels._launch import compile_only  # noqa: E402
 from kernels.config import (  # noqa: E402
     CONFIG_DIR,
@@ -126,9 +130,20 @@ def run_case(name: str, tokens: int, adapters: int, k: int, rep: int) -> dict:
     out["ratio_epilogue"] = (out["fused_ms"] - out["triton_ms"]) / base
     out["ratio_unfused_delta"] = (out["unfused_ms"] - base) / base
     out["ratio_beside_delta"] = (out["beside_ms"] - out["cublas_add_ms"]) / base
+    out["bytes_ratio"] = fused_bytes_ratio(x.shape[0], w.shape, la, lb, d)
+    out["stretch_bytes_ok"] = out["bytes_ratio"] <= 1.1
     out["weight_GBps"] = w.numel() * w.element_size() / out["triton_ms"] / 1e6
     out["cublas_weight_GBps"] = w.numel() * w.element_size() / base / 1e6
     return out
+
+
+def fused_bytes_ratio(tokens: int, w_shape, lora_a, lora_b, adapters: int) -> float:
+    """(x, W, the distinct adapters' A and B read, y written) over (x, W read, y written):
+    every slice has an A ([slots, r, in]) and a B ([slots, out_s, r]) per adapter."""
+    out_f, in_f = w_shape
+    base = base_bytes(tokens, in_f, out_f)
+    per_adapter = sum(a[0].numel() + b[0].numel() for a, b in zip(lora_a, lora_b, strict=True))
+    return (base + adapters * per_adapter * lora_a[0].element_size()) / base
 
 
 SWEEP_TOKENS = [16, 32, 64]
