@@ -473,8 +473,8 @@ def chunk_blocks(n_blocks: int, y_bytes: int, passes: int, chunk_bytes: int) -> 
     eighteenth pass): K=2 over 64 adapters, 11008 out, 4,096 tokens, 179 -> 156 us."""
     if passes < 2 or chunk_bytes <= 0 or y_bytes <= chunk_bytes:
         return n_blocks
-    chunks = min(n_blocks, -(-y_bytes // chunk_bytes))
-    return -(-n_blocks // chunks)
+    chunks = min(n_blocks, triton.cdiv(y_bytes, chunk_bytes))
+    return triton.cdiv(n_blocks, chunks)
 
 
 # Registers a thread may spend on the h partials it has requested at once (the expand sums
