@@ -23,6 +23,8 @@ flushed), all in the same run:
   y written) over the base projection's (x and W read, y written), the ratio_fused it reaches
   if it moves its bytes at cuBLAS's rate; stretch_bytes_ok: bytes_ratio <= 1.1 (otherwise no
   kernel that reads those weights once meets the stretch goal at the base projection's rate).
+A last line (case fused_linear_summary) counts the rows that meet the stretch goal, of all
+rows and of those whose bytes allow it.
 
 --sweep [--write] times the GEMM's launch parameters (no adapters, then the best few with 8
 adapters) and prints the best per (projection, tokens) as config entries for kernels/configs/
@@ -292,13 +294,29 @@ def main() -> None:
         sweep(args.tokens if args.tokens != TOKENS else SWEEP_TOKENS, args.rep, args.write)
         return
     sink = args.out.open("w") if args.out else None
+    rows = []
     for name, t, d, k in itertools.product(args.proj, args.tokens, args.adapters, args.k):
         if k == 2 and d == 1:  # K=2 needs two adapters per token
             continue
-        line = json.dumps(run_case(name, t, d, k, args.rep))
+        rows.append(run_case(name, t, d, k, args.rep))
+        line = json.dumps(rows[-1])
         print(line, flush=True)
         if sink:
             sink.write(line + "\n")
+    print(json.dumps(stretch_summary(rows)), flush=True)
+
+
+def stretch_summary(rows: list[dict]) -> dict:
+    """The stretch goal over a run's rows: how many reach ratio_fused <= 1.1, of all rows and
+    of those whose bytes allow it (stretch_bytes_ok)."""
+    reachable = [r for r in rows if r["stretch_bytes_ok"]]
+    return {
+        "case": "fused_linear_summary",
+        "rows": len(rows),
+        "met": sum(r["ratio_fused"] <= 1.1 for r in rows),
+        "reachable_rows": len(reachable),
+        "reachable_met": sum(r["ratio_fused"] <= 1.1 for r in reachable),
+    }
 
 
 if __name__ == "__main__":
