@@ -45,8 +45,9 @@ from kernels.config import expand_chunk_bytes, kernel_config
 from kernels.metadata import LoraBatchMeta
 
 # tile_offset (where a column-mode pass starts in the tile list) and h's strides change with
-# the step; specialised on their values (== 1, multiple of 16) they would compile new variants
-# while serving.
+# the step, n_block_offset (where a chunk of y's columns starts) from launch to launch;
+# specialised on their values (== 1, multiple of 16) they would compile new variants while
+# serving.
 _UNSPECIALIZED = ("tile_offset", "n_block_offset", "stride_hsp", "stride_hs")
 
 
