@@ -33,6 +33,8 @@ rate the hardware gives a read of that size.
 --flush clean empties the L2 by reading a buffer instead of zeroing it (kernels._bench), so
 that the timed kernels find unmodified lines in it, as a decode step's delta does after its
 GEMM; the default, dirty, is do_bench's.
+A last JSON line (case kernels_goals, see goals_summary) counts the rows that meet each of the
+issue's goals and lists the misses with their values.
 Never asserts on time.
 """
 
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -287,9 +290,68 @@ def main() -> None:
                         )
                     )
                     print(json.dumps(lines[-1]), flush=True)
+    goals = goals_summary(lines[1:])
+    print(json.dumps({**head, **goals}), flush=True)
     if args.out:
-        args.out.write_text("".join(json.dumps(v) + "\n" for v in lines))
+        args.out.write_text("".join(json.dumps(v) + "\n" for v in [*lines, {**head, **goals}]))
     summary(lines)
+
+
+DECODE_TOKENS = 256  # the issue's decode sizes are 1-256 tokens, prefill 1,024 and more
+GOALS = {"decode": 0.5, "prefill": 1.5, "k2_over_k1": 1.5}
+DISTURBED = 1.5  # a row's base replays against the median of its projection and tokens
+
+
+def goals_summary(rows: list[dict]) -> dict:
+    """The issue's three goals over the ``lora_delta`` rows of a run, as one line (case
+    ``kernels_goals``): per goal the rows counted, the rows met and each miss with its value.
+
+    - decode: K=1 rows at 1-256 tokens, the marginal over the base projection in a graph at
+      most 0.5. The denominator is the median ``base_graph_ms`` of the rows of the same
+      projection and token count (every row replays the same GEMM; the table's /base column
+      is the row's own).
+    - prefill: K=1 rows at 1,024 tokens or more, the marginal over the bytes bound at most 1.5.
+    - k2_over_k1: K=2 rows with a K=1 row of the same projection, tokens and adapters, the
+      marginal at most 1.5 times that row's.
+
+    A row whose own base replays took more than ``DISTURBED`` times that median, or less than
+    its inverse, ran while something else held the GPU (its marginal comes from the same
+    replays): it is listed under ``disturbed`` with its value and counted neither met nor
+    missed, and so is a K=2 ratio with such a row on either side. Rerun those cases."""
+    rows = [v for v in rows if v.get("case") == "lora_delta"]
+    by_shape: dict[tuple, list[float]] = {}
+    for v in rows:
+        by_shape.setdefault((v["out"], v["tokens"]), []).append(v["base_graph_ms"])
+    base = {key: statistics.median(ms) for key, ms in by_shape.items()}
+    k1 = {(v["out"], v["tokens"], v["adapters"]): v for v in rows if v["k"] == 1}
+
+    def disturbed(v: dict) -> bool:
+        ratio = v["base_graph_ms"] / base[(v["out"], v["tokens"])]
+        return not 1 / DISTURBED <= ratio <= DISTURBED
+
+    values: dict[str, list[tuple[dict, float, bool]]] = {name: [] for name in GOALS}
+    for v in rows:
+        if v["k"] == 1 and v["tokens"] <= DECODE_TOKENS:
+            x = v["marginal_ms"] / base[(v["out"], v["tokens"])]
+            values["decode"].append((v, x, disturbed(v)))
+        elif v["k"] == 1:
+            values["prefill"].append((v, v["ratio_bound"], disturbed(v)))
+        elif v["k"] == 2 and (one := k1.get((v["out"], v["tokens"], v["adapters"]))):
+            x = v["marginal_ms"] / one["marginal_ms"]
+            values["k2_over_k1"].append((v, x, disturbed(v) or disturbed(one)))
+    out: dict = {"case": "kernels_goals"}
+    for name, limit in GOALS.items():
+
+        def case(v: dict, x: float) -> dict:
+            return {"out": v["out"], "tokens": v["tokens"], "adapters": v["adapters"],
+                    "mode": v["mode"], "value": round(x, 3)}  # fmt: skip
+
+        misses = [case(v, x) for v, x, bad in values[name] if x > limit and not bad]
+        noisy = [case(v, x) for v, x, bad in values[name] if bad]
+        counted = len(values[name]) - len(noisy)
+        out[name] = {"limit": limit, "rows": counted, "met": counted - len(misses),
+                     "misses": misses, "disturbed": noisy}  # fmt: skip
+    return out
 
 
 def summary(lines: list[dict]) -> None:
