@@ -16,6 +16,12 @@ spreads few tiles over the GPU, but every split is a partial sum that the expand
 so many tiles want fewer splits (measured: docs/benchmarks.md, seventh pass). Expand entries
 may carry ``min_work`` too, counted there in adapters per tile (the metadata's ``tile_k``): a
 plan-mode tile of K adapters loads K B matrices per program (stacked, for one dot).
+Shrink entries with ``mode`` ("plan" or "column", the metadata's mode) apply only to
+launches of that mode (and of their ``min_work``), and win over entries without it:
+``min_work`` alone cannot tell a column-mode launch from a plan-mode one of as much work (a
+column tile holds one adapter, a plan tile of two counts twice per program). The H100's
+column entries (``python -m kernels.tune --column-only``) took 4-6% off a column-mode top-2
+step over 64 adapters at 1,024 and 4,096 tokens (docs/benchmarks.md, nineteenth pass).
 Top-level keys beside the op lists set GPU-wide choices: ``block_m`` tables,
 ``fused_max_tokens``, ``beside_triton_gemm_tokens``, ``expand_y_chunk_bytes``.
 """
@@ -55,11 +61,22 @@ def load_config(name: str) -> dict:
 
 
 def _pick(
-    entries: list[dict], num_tokens: int, dim: int, in_dim: int | None = None, work: int = 0
+    entries: list[dict],
+    num_tokens: int,
+    dim: int,
+    in_dim: int | None = None,
+    work: int = 0,
+    mode: str | None = None,
 ) -> dict:
     buckets = sorted({e["max_tokens"] for e in entries})
     bucket = next((b for b in buckets if b >= num_tokens), buckets[-1])
-    same = [e for e in entries if e["max_tokens"] == bucket and e.get("min_work", 0) <= work]
+    same = [
+        e
+        for e in entries
+        if e["max_tokens"] == bucket
+        and e.get("min_work", 0) <= work
+        and e.get("mode", mode) == mode
+    ]
 
     def distance(e: dict) -> float:
         d = abs(math.log(e.get("dim", dim) / dim)) if dim else 0.0
@@ -67,20 +84,30 @@ def _pick(
             d += abs(math.log(e["in"] / in_dim))
         return d
 
-    # nearest size first; among entries of that size, the most work that fits
-    return min(same, key=lambda e: (distance(e), -e.get("min_work", 0)))
+    # nearest size first; among entries of that size, one for the mode, then the most work
+    # that fits
+    return min(same, key=lambda e: (distance(e), "mode" not in e, -e.get("min_work", 0)))
 
 
 def launch_params(entry: dict) -> dict:
     """An entry's launch parameters, without the keys it is looked up by."""
-    return {k: v for k, v in entry.items() if k not in ("max_tokens", "dim", "in", "min_work")}
+    return {k: v for k, v in entry.items() if k not in LOOKUP_KEYS}
+
+
+LOOKUP_KEYS = ("max_tokens", "dim", "in", "min_work", "mode")
 
 
 @functools.cache
 def _lookup(
-    name: str, op: str, num_tokens: int, dim: int, in_dim: int | None, work: int = 0
+    name: str,
+    op: str,
+    num_tokens: int,
+    dim: int,
+    in_dim: int | None,
+    work: int = 0,
+    mode: str | None = None,
 ) -> dict:
-    return launch_params(_pick(load_config(name)[op], num_tokens, dim, in_dim, work))
+    return launch_params(_pick(load_config(name)[op], num_tokens, dim, in_dim, work, mode))
 
 
 def kernel_config(
@@ -90,12 +117,13 @@ def kernel_config(
     device: torch.device | str,
     in_dim: int | None = None,
     work: int = 0,
+    mode: str | None = None,
 ) -> dict:
     """Launch parameters of ``op`` ("shrink", "expand" or "fused") for T tokens and size
     ``dim`` (and, for the fused GEMM, whose entries carry both, ``in_dim``); ``work`` picks
     among entries with ``min_work``: (tile, adapter, slice) units for the shrink, adapters
-    per tile for the expand."""
-    return _lookup(gpu_config_name(device), op, num_tokens, dim, in_dim, work)
+    per tile for the expand; ``mode`` (the metadata's) among entries with ``mode``."""
+    return _lookup(gpu_config_name(device), op, num_tokens, dim, in_dim, work, mode)
 
 
 def fused_max_tokens(device: torch.device | str, lora: bool) -> int:

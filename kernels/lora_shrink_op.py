@@ -240,7 +240,7 @@ def _plan(x, lora_a, ranks, meta: LoraBatchMeta, config: dict | None, pdl: bool)
         raise ValueError("lora_shrink: all A slices must share shape and strides")
     # (tile, adapter, slice) units one launch covers: with many, fewer K splits do better
     work = meta.grid_tiles * meta.tile_k * min(n_slices, SLICES_PER_LAUNCH)
-    cfg = config or kernel_config("shrink", t, in_features, x.device, work=work)
+    cfg = config or kernel_config("shrink", t, in_features, x.device, work=work, mode=meta.mode)
     block_k = min(cfg["BLOCK_K"], max(16, next_pow2(in_features)))
     k_per_split = cdiv(cdiv(in_features, cfg["SPLIT_K"]), block_k) * block_k
     num_splits = cdiv(in_features, k_per_split)

@@ -1,6 +1,6 @@
 """Sweep the kernels' launch parameters on this GPU and write kernels/configs/<GPU>.json.
 
-    python -m kernels.tune [--out-dir kernels/configs] [--quick] [--wide-only]
+    python -m kernels.tune [--out-dir kernels/configs] [--quick] [--wide-only | --column-only]
 
 For every token count of the benchmark (1 ... 4096) and every tile height ``block_m``: the
 shrink configs are timed alone, then the expand configs inside the whole ``add_lora`` (the
@@ -14,8 +14,12 @@ Then the *wide* shrink entries (``min_work``, see kernels.config): per token buc
 more tokens, the shrink configs timed in the whole ``add_lora`` on steps with many tiles (64
 distinct adapters, K=1; top-2 plans over 8 adapters, K=2), each with the bucket's tuned
 expand; an entry is written where it beats the bucket's own shrink by 3% or more.
-``--wide-only`` redoes just these and keeps the rest of the file. One JSON line per
-measurement goes to stdout.
+``--wide-only`` redoes just these and keeps the rest of the file. Then the *column* shrink
+entries (``mode: column``, see kernels.config): per token bucket of 256 or more tokens, the
+shrink configs timed the same way on column-mode steps (top-2 over 64 adapters), against what
+the lookup gives those launches without such entries; written where 3% or more faster, for
+column launches of at least that step's work (``min_work``).
+``--column-only`` redoes just those. One JSON line per measurement goes to stdout.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ EXPAND = [  # (BLOCK_N, num_warps, num_stages)
 # how much faster than the bucket's own shrink an entry must be to be written.
 WIDE = [(64, 1, "plan"), (8, 2, "plan")]
 MIN_GAIN = 0.03
+# Column-mode steps (adapters, K) that the column shrink entries are tuned on, from this many
+# tokens (fewer tokens over 64 adapters run K=2 in plan mode or as the min_work entries' steps).
+COLUMN = [(64, 2)]
+COLUMN_FROM_TOKENS = 256
 
 
 def block_ms_for(tokens: int) -> list[int]:
@@ -184,51 +192,83 @@ def tune(quick: bool = False) -> dict:
     return result
 
 
+def _cases(tuned: dict, t: int, steps: list[tuple[int, int, str]]) -> list[tuple]:
+    """(problem, meta, expand config) per step (adapters, K, mode) and ``out``, with tile
+    heights and expand configs as the kernels pick them at run time."""
+    in_f = SHAPES[0][0]
+    cases = []
+    for d, k, mode in steps:
+        for o in (o for i, o in SHAPES if i == in_f):
+            p = make_problem(t, in_f, o, adapters=d, k=k, seed=t + d + k)
+            multi = k if mode == "plan" else 1
+            meta = build_lora_meta(
+                p.slots, p.weights, 64, block_m=block_m_in(tuned, t, multi), mode=mode
+            )
+            expand = _pick(tuned["expand"], t, o, work=meta.tile_k)
+            cases.append((p, meta, launch_params(expand)))
+    return cases
+
+
+def _best_shrink(t: int, cases: list[tuple], own: dict, rep: int, tag: dict) -> dict | None:
+    """The shrink config of ``SHRINK`` with the least total time over ``cases`` (whole
+    ``add_lora`` calls), if it beats ``own`` by ``MIN_GAIN``; else None."""
+    scores = []
+    for c in SHRINK:
+        cfg = _shrink_cfg(c)
+        per = [
+            _time(
+                lambda p=p, m=m, e=e, cfg=cfg: add_lora(
+                    p.y, p.x, [p.a], [p.b], p.ranks, p.scales, m,
+                    shrink_config=cfg, expand_config=e,
+                ),
+                rep,
+            )
+            for p, m, e in cases
+        ]  # fmt: skip
+        print(json.dumps({**tag, "tokens": t, **cfg, "us": [round(v * 1e3, 2) for v in per]}))
+        scores.append((sum(per), cfg))
+    own_score = next((v for v, cfg in scores if cfg == own), None)
+    best_score, best = min(scores, key=lambda v: v[0])
+    print(json.dumps({**tag, "best": True, "tokens": t, "us": best_score * 1e3,
+                      "own_us": None if own_score is None else own_score * 1e3,
+                      "shrink": best}))  # fmt: skip
+    # a gain within timing noise is no reason for a second entry
+    if best != own and (own_score is None or best_score < (1 - MIN_GAIN) * own_score):
+        return best
+    return None
+
+
+def tune_column(tuned: dict, quick: bool = False) -> list[dict]:
+    """Shrink entries with ``mode: column`` (see the module docstring), against the entries
+    of ``tuned`` without a mode, which those launches take otherwise."""
+    in_f = SHAPES[0][0]
+    rep = 5 if quick else 10
+    plain = [e for e in tuned["shrink"] if "mode" not in e]
+    entries = []
+    for t in (t for t in TOKENS if t >= COLUMN_FROM_TOKENS):
+        cases = _cases(tuned, t, [(d, k, "column") for d, k in COLUMN])
+        work = min(m.grid_tiles * m.tile_k for _, m, _ in cases)
+        own = launch_params(_pick(plain, t, in_f, work=work, mode="column"))
+        best = _best_shrink(t, cases, own, rep, {"tune": "column"})
+        if best is not None:
+            entry = {"max_tokens": t, "dim": in_f, "mode": "column", "min_work": work}
+            entries.append({**entry, **best})
+    return entries
+
+
 def tune_wide(tuned: dict, quick: bool = False) -> list[dict]:
     """Shrink entries with ``min_work`` for steps with many tiles (see the module docstring),
     against the block_m, shrink and expand entries of ``tuned``."""
     in_f = SHAPES[0][0]
-    outs = [o for i, o in SHAPES if i == in_f]
     rep = 5 if quick else 10
     entries = []
     for t in (t for t in TOKENS if t >= 16):
-        cases = []
-        for d, k, mode in WIDE:
-            for o in outs:
-                p = make_problem(t, in_f, o, adapters=d, k=k, seed=t + d + k)
-                # tile heights and expand configs as the kernels pick them at run time
-                multi = k if mode == "plan" else 1
-                meta = build_lora_meta(
-                    p.slots, p.weights, 64, block_m=block_m_in(tuned, t, multi), mode=mode
-                )
-                expand = _pick(tuned["expand"], t, o, work=meta.tile_k)
-                cases.append((p, meta, launch_params(expand)))
+        cases = _cases(tuned, t, WIDE)
         min_work = min(m.grid_tiles * m.tile_k for _, m, _ in cases)
         own = launch_params(_pick(tuned["shrink"], t, in_f))
-        scores = []
-        for c in SHRINK:
-            cfg = _shrink_cfg(c)
-            per = [
-                _time(
-                    lambda p=p, m=m, e=e, cfg=cfg: add_lora(
-                        p.y, p.x, [p.a], [p.b], p.ranks, p.scales, m,
-                        shrink_config=cfg, expand_config=e,
-                    ),
-                    rep,
-                )
-                for p, m, e in cases
-            ]  # fmt: skip
-            line = {"tune": "wide", "tokens": t, "min_work": min_work, **cfg}
-            print(json.dumps({**line, "us": [round(v * 1e3, 2) for v in per]}))
-            scores.append((sum(per), cfg))
-        own_score = next((v for v, cfg in scores if cfg == own), None)
-        best_score, best = min(scores, key=lambda v: v[0])
-        # a gain within timing noise is no reason for a second entry
-        if best != own and (own_score is None or best_score < (1 - MIN_GAIN) * own_score):
+        best = _best_shrink(t, cases, own, rep, {"tune": "wide", "min_work": min_work})
+        if best is not None:
             entries.append({"max_tokens": t, "dim": in_f, "min_work": min_work, **best})
-        print(json.dumps({"tune": "wide best", "tokens": t, "us": best_score * 1e3,
-                          "own_us": None if own_score is None else own_score * 1e3,
-                          "shrink": best}))  # fmt: skip
     return entries
 
 
@@ -237,24 +277,33 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=CONFIG_DIR)
     ap.add_argument("--quick", action="store_true", help="shorter timings")
     ap.add_argument("--wide-only", action="store_true", help="redo only the min_work entries")
+    ap.add_argument("--column-only", action="store_true", help="redo only the column entries")
     args = ap.parse_args()
     path = args.out_dir / f"{gpu_config_name('cuda')}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    if args.wide_only:
-        if not old:
-            raise SystemExit(f"--wide-only needs a tuned {path}")
+    if (args.wide_only or args.column_only) and not old:
+        raise SystemExit(f"--wide-only and --column-only need a tuned {path}")
+    if args.wide_only or args.column_only:
         cfg = old
     else:  # keep what other sweeps wrote (the fused GEMM's entries and limits, and the
         # expand's min_work entries for tiles of several adapters, from bench/kernels_sweep.py)
         cfg = {**old, **tune(args.quick)}
         cfg["expand"] += [e for e in old.get("expand", []) if "min_work" in e]
-    cfg["shrink"] = [e for e in cfg["shrink"] if "min_work" not in e]
-    cfg["shrink"] += tune_wide(cfg, args.quick)
-    cfg["wide_notes"] = (
-        f"min_work shrink entries: python -m kernels.tune, {time.strftime('%Y-%m-%d')}, torch "
-        f"{torch.__version__}; add_lora graph replays on 64 distinct adapters (K=1) and top-2 "
-        "plans over 8 (K=2)"
-    )
+    day = f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}"
+    if not args.column_only:
+        cfg["shrink"] = [e for e in cfg["shrink"] if "min_work" not in e]
+        cfg["shrink"] += tune_wide(cfg, args.quick)
+        cfg["wide_notes"] = (
+            f"min_work shrink entries: python -m kernels.tune, {day}; add_lora graph replays "
+            "on 64 distinct adapters (K=1) and top-2 plans over 8 (K=2)"
+        )
+    if not args.wide_only:
+        cfg["shrink"] = [e for e in cfg["shrink"] if "mode" not in e]
+        cfg["shrink"] += tune_column(cfg, args.quick)
+        cfg["column_notes"] = (
+            f"mode column shrink entries: python -m kernels.tune --column-only, {day}; "
+            "add_lora graph replays on column-mode top-2 steps over 64 adapters"
+        )
     path.write_text(json.dumps(cfg, indent=1) + "\n")
     print(json.dumps({"tune": "written", "path": str(path)}))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from kernels.config import (
     CONFIG_DIR,
@@ -14,11 +15,13 @@ from kernels.config import (
     block_m_for,
     block_m_in,
     kernel_config,
+    launch_params,
     load_config,
     triton_gemm_beside,
 )
 
 FILES = sorted(CONFIG_DIR.glob("*.json"))
+H100 = "NVIDIA_H100_80GB_HBM3"
 
 
 def _pow2(n: int) -> bool:
@@ -33,7 +36,7 @@ def test_config_file_schema(path) -> None:
     for e in cfg["shrink"]:
         assert _pow2(e["BLOCK_K"]) and e["BLOCK_K"] >= 16 and e["SPLIT_K"] >= 1
         assert _pow2(e["num_warps"]) and e["num_stages"] >= 1 and e["max_tokens"] >= 1
-        assert e.get("min_work", 0) >= 0
+        assert e.get("min_work", 0) >= 0 and e.get("mode", "plan") in ("plan", "column")
     for e in cfg["expand"]:
         assert _pow2(e["BLOCK_N"]) and e["BLOCK_N"] >= 16
         assert _pow2(e["num_warps"]) and e["num_stages"] >= 1 and e["max_tokens"] >= 1
@@ -92,12 +95,42 @@ def test_h100_wide_shrink_entries_are_found_by_work() -> None:
     """The tuned file's min_work entries (kernels.tune) come back for that much work, without
     their keys, and the bucket's own entry for less."""
     name = "NVIDIA_H100_80GB_HBM3"
-    wide = [e for e in load_config(name)["shrink"] if "min_work" in e]
+    wide = [e for e in load_config(name)["shrink"] if "min_work" in e and "mode" not in e]
     assert wide, "kernels.tune wrote no min_work entry"
     for e in wide:
-        params = {k: v for k, v in e.items() if k not in ("max_tokens", "dim", "min_work")}
+        params = launch_params(e)
         assert _lookup(name, "shrink", e["max_tokens"], e["dim"], None, e["min_work"]) == params
         assert _lookup(name, "shrink", e["max_tokens"], e["dim"], None, 0) != params
+
+
+def test_shrink_entries_with_a_mode_apply_to_that_mode_only_and_win() -> None:
+    entries = [
+        {"max_tokens": 1024, "dim": 4096, "v": "own"},
+        {"max_tokens": 1024, "dim": 4096, "min_work": 100, "v": "wide"},
+        {"max_tokens": 1024, "dim": 4096, "min_work": 128, "mode": "column", "v": "column"},
+        {"max_tokens": 4096, "dim": 4096, "mode": "column", "v": "other bucket"},
+    ]
+    assert _pick(entries, 1024, 4096, work=128)["v"] == "wide"  # mode unknown: none of them
+    assert _pick(entries, 1024, 4096, work=128, mode="plan")["v"] == "wide"
+    assert _pick(entries, 1024, 4096, work=128, mode="column")["v"] == "column"
+    assert _pick(entries, 1024, 4096, work=10_000, mode="column")["v"] == "column"
+    assert _pick(entries, 1024, 4096, work=127, mode="column")["v"] == "wide"  # too little work
+    assert _pick(entries, 1024, 4096, work=0, mode="column")["v"] == "own"
+
+
+def test_h100_column_shrink_entries_are_found_by_mode_and_work() -> None:
+    """The tuned file's column entries (kernels.tune --column-only) come back for column
+    launches of that much work, never for plan-mode launches; the fused path's lookup, which
+    gives no mode, never sees them."""
+    name = "NVIDIA_H100_80GB_HBM3"
+    column = [e for e in load_config(name)["shrink"] if e.get("mode") == "column"]
+    assert column, "kernels.tune wrote no column entry"
+    for e in column:
+        params, t, work = launch_params(e), e["max_tokens"], e["min_work"]
+        assert _lookup(name, "shrink", t, e["dim"], None, work, "column") == params
+        assert _lookup(name, "shrink", t, e["dim"], None, work, "plan") != params
+        assert _lookup(name, "shrink", t, e["dim"], None, work) != params
+        assert _lookup(name, "shrink", t, e["dim"], None, work - 1, "column") != params
 
 
 def test_fused_entries_are_picked_by_out_and_in() -> None:
@@ -142,3 +175,29 @@ def test_expand_entries_are_found_by_adapters_per_tile() -> None:
     for k, block_n in ((1, 512), (2, 256), (3, 256), (4, 512)):
         assert _lookup(name, "expand", 64, 11008, None, k)["BLOCK_N"] == block_n
     assert _lookup(name, "expand", 1024, 4096, None, 2)["BLOCK_N"] == 256
+
+
+def test_the_shrink_asks_for_its_launch_mode(monkeypatch) -> None:
+    """Under the H100's file (on CPU tensors, launches recorded, not run): a column-mode top-2
+    step over 64 adapters at 1,024 tokens takes the column entry, a K=1 step of as many tiles
+    the bucket's own entry."""
+    import kernels.config as config_module
+    from kernels import build_lora_meta, lora_shrink
+    from kernels._bench import make_problem
+    from kernels._launch import Launcher
+
+    monkeypatch.setattr(config_module, "gpu_config_name", lambda device=None: H100)
+    launches = []
+    monkeypatch.setattr(Launcher, "__call__", lambda self, *a: launches.append(a))
+    column = [e for e in load_config(H100)["shrink"] if e.get("mode") == "column"]
+    entry = next(e for e in column if e["max_tokens"] == 1024)
+    for k, mode in ((2, "column"), (1, None)):
+        p = make_problem(1024, 4096, 4096, adapters=64, k=k, device="cpu")
+        meta = build_lora_meta(p.slots, p.weights, 64, torch.device("cpu"), mode=mode)
+        lora_shrink(p.x, [p.a], p.ranks, meta)
+    (col_grid, *_, col_cx, _), (one_grid, *_, one_cx, _) = launches
+    assert col_cx["BLOCK_K"] == entry["BLOCK_K"] and col_grid[1] == entry["SPLIT_K"]
+    own = load_config(H100)["shrink"]
+    own = next(e for e in own if e["max_tokens"] == 1024 and "min_work" not in e)
+    assert one_cx["BLOCK_K"] == own["BLOCK_K"] and one_grid[1] == own["SPLIT_K"]
+    assert (col_cx["BLOCK_K"], col_grid[1]) != (one_cx["BLOCK_K"], one_grid[1])
