@@ -272,6 +272,23 @@ def tune_wide(tuned: dict, quick: bool = False) -> list[dict]:
     return entries
 
 
+def merged_shrink(
+    shrink: list[dict], wide: list[dict] | None = None, column: list[dict] | None = None
+) -> list[dict]:
+    """``shrink`` with its wide entries (``min_work``, no ``mode``) replaced by ``wide`` and
+    its column entries (``mode``) by ``column``; None keeps that kind as it is."""
+
+    def is_wide(e: dict) -> bool:
+        return "min_work" in e and "mode" not in e
+
+    kept = [
+        e
+        for e in shrink
+        if not (wide is not None and is_wide(e)) and not (column is not None and "mode" in e)
+    ]
+    return kept + (wide or []) + (column or [])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", type=Path, default=CONFIG_DIR)
@@ -291,15 +308,13 @@ def main() -> None:
         cfg["expand"] += [e for e in old.get("expand", []) if "min_work" in e]
     day = f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}"
     if not args.column_only:
-        cfg["shrink"] = [e for e in cfg["shrink"] if "min_work" not in e]
-        cfg["shrink"] += tune_wide(cfg, args.quick)
+        cfg["shrink"] = merged_shrink(cfg["shrink"], wide=tune_wide(cfg, args.quick))
         cfg["wide_notes"] = (
             f"min_work shrink entries: python -m kernels.tune, {day}; add_lora graph replays "
             "on 64 distinct adapters (K=1) and top-2 plans over 8 (K=2)"
         )
-    if not args.wide_only:
-        cfg["shrink"] = [e for e in cfg["shrink"] if "mode" not in e]
-        cfg["shrink"] += tune_column(cfg, args.quick)
+    if not args.wide_only:  # after the wide ones, which column launches take without these
+        cfg["shrink"] = merged_shrink(cfg["shrink"], column=tune_column(cfg, args.quick))
         cfg["column_notes"] = (
             f"mode column shrink entries: python -m kernels.tune --column-only, {day}; "
             "add_lora graph replays on column-mode top-2 steps over 64 adapters"

@@ -201,3 +201,20 @@ def test_the_shrink_asks_for_its_launch_mode(monkeypatch) -> None:
     own = next(e for e in own if e["max_tokens"] == 1024 and "min_work" not in e)
     assert one_cx["BLOCK_K"] == own["BLOCK_K"] and one_grid[1] == own["SPLIT_K"]
     assert (col_cx["BLOCK_K"], col_grid[1]) != (one_cx["BLOCK_K"], one_grid[1])
+
+
+def test_the_tuner_replaces_one_kind_of_shrink_entry_and_keeps_the_other() -> None:
+    """``--wide-only`` must keep the column entries (they carry min_work too) and
+    ``--column-only`` the wide ones."""
+    from kernels.tune import merged_shrink
+
+    own = {"max_tokens": 64, "dim": 4096, "SPLIT_K": 32}
+    wide = {"max_tokens": 64, "dim": 4096, "min_work": 48, "SPLIT_K": 4}
+    column = {"max_tokens": 1024, "dim": 4096, "min_work": 128, "mode": "column", "SPLIT_K": 4}
+    new_wide = {**wide, "min_work": 40}
+    new_column = {**column, "SPLIT_K": 2}
+    entries = [own, wide, column]
+    assert merged_shrink(entries, wide=[new_wide]) == [own, column, new_wide]
+    assert merged_shrink(entries, column=[new_column]) == [own, wide, new_column]
+    assert merged_shrink(entries, wide=[], column=[]) == [own]
+    assert merged_shrink(entries) == entries
