@@ -339,13 +339,13 @@ def goals_summary(rows: list[dict]) -> dict:
         elif v["k"] == 2 and (one := k1.get((v["out"], v["tokens"], v["adapters"]))):
             x = v["marginal_ms"] / one["marginal_ms"]
             values["k2_over_k1"].append((v, x, disturbed(v) or disturbed(one)))
+
+    def case(v: dict, x: float) -> dict:
+        return {"out": v["out"], "tokens": v["tokens"], "adapters": v["adapters"],
+                "mode": v["mode"], "value": round(x, 3)}  # fmt: skip
+
     out: dict = {"case": "kernels_goals"}
     for name, limit in GOALS.items():
-
-        def case(v: dict, x: float) -> dict:
-            return {"out": v["out"], "tokens": v["tokens"], "adapters": v["adapters"],
-                    "mode": v["mode"], "value": round(x, 3)}  # fmt: skip
-
         misses = [case(v, x) for v, x, bad in values[name] if x > limit and not bad]
         noisy = [case(v, x) for v, x, bad in values[name] if bad]
         counted = len(values[name]) - len(noisy)

@@ -89,12 +89,12 @@ def _pick(
     return min(same, key=lambda e: (distance(e), "mode" not in e, -e.get("min_work", 0)))
 
 
+LOOKUP_KEYS = ("max_tokens", "dim", "in", "min_work", "mode")
+
+
 def launch_params(entry: dict) -> dict:
     """An entry's launch parameters, without the keys it is looked up by."""
     return {k: v for k, v in entry.items() if k not in LOOKUP_KEYS}
-
-
-LOOKUP_KEYS = ("max_tokens", "dim", "in", "min_work", "mode")
 
 
 @functools.cache
