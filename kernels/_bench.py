@@ -156,7 +156,12 @@ def graph_ms(fn, *, rep: int = 100, warmup: int = 25) -> float:
 
 
 def paired_replay_ms(
-    base: torch.cuda.CUDAGraph, both: torch.cuda.CUDAGraph, *, pairs: int = 100, warmup: int = 10
+    base: torch.cuda.CUDAGraph,
+    both: torch.cuda.CUDAGraph,
+    *,
+    pairs: int = 100,
+    warmup: int = 10,
+    warmup_ms: float = 25.0,
 ) -> tuple[float, float, float]:
     """(median base, median both, median of the per-pair differences), ms: the two graphs
     replayed in alternation, L2 flushed (the current flush mode) before each replay, the
@@ -165,11 +170,21 @@ def paired_replay_ms(
     The difference of two separate medians (``graph_ms(both) - graph_ms(base)``) carries the
     GPU's drift between the two measurements: on the power-capped H100 a 0.2-0.5 ms prefill
     GEMM moved by 20-50% from run to run, more than the delta it rides on
-    (docs/benchmarks.md, seventh pass). Pairs taken back to back see the same clocks."""
+    (docs/benchmarks.md, seventh pass). Pairs taken back to back see the same clocks.
+
+    Before timing, pairs are replayed for at least ``warmup`` pairs and ``warmup_ms`` of wall
+    time (do_bench's 25 ms): after the seconds a case spends compiling, the idle GPU's
+    clocks are down, and ten pairs of decode-sized graphs (well under a millisecond) left
+    whole rows timed at a fraction of the clock (nineteenth pass: a 24 us GEMM replayed at
+    191 us, and the delta beside it at 8.8 us instead of about 5)."""
     flush, _ = _l2_flusher()
-    for _ in range(warmup):
-        base.replay()
-        both.replay()
+    t0, done = time.perf_counter(), 0
+    while done < warmup or time.perf_counter() - t0 < warmup_ms / 1e3:
+        for _ in range(warmup):
+            base.replay()
+            both.replay()
+        torch.cuda.synchronize()  # wall time counts replays run, not replays queued
+        done += warmup
     times: dict[str, list[float]] = {"base": [], "both": []}
     events = [
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
