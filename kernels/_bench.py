@@ -178,13 +178,13 @@ def paired_replay_ms(
     whole rows timed at a fraction of the clock (nineteenth pass: a 24 us GEMM replayed at
     191 us, and the delta beside it at 8.8 us instead of about 5)."""
     flush, _ = _l2_flusher()
-    t0, done = time.perf_counter(), 0
+    t0, done, batch = time.perf_counter(), 0, max(1, warmup)
     while done < warmup or time.perf_counter() - t0 < warmup_ms / 1e3:
-        for _ in range(warmup):
+        for _ in range(batch):
             base.replay()
             both.replay()
         torch.cuda.synchronize()  # wall time counts replays run, not replays queued
-        done += warmup
+        done += batch
     times: dict[str, list[float]] = {"base": [], "both": []}
     events = [
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
