@@ -293,8 +293,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", type=Path, default=CONFIG_DIR)
     ap.add_argument("--quick", action="store_true", help="shorter timings")
-    ap.add_argument("--wide-only", action="store_true", help="redo only the min_work entries")
-    ap.add_argument("--column-only", action="store_true", help="redo only the column entries")
+    only = ap.add_mutually_exclusive_group()  # both at once would redo nothing
+    only.add_argument("--wide-only", action="store_true", help="redo only the min_work entries")
+    only.add_argument("--column-only", action="store_true", help="redo only the column entries")
     args = ap.parse_args()
     path = args.out_dir / f"{gpu_config_name('cuda')}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
