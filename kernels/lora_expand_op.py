@@ -12,7 +12,9 @@ programmatic dependent of the shrink on Hopper: everything that does not depend 
 weights, scales) is requested before ``griddepcontrol.wait``, so it overlaps the shrink; a
 later column pass is a dependent of the pass before it in the same way (B requested early, y
 after the wait). Column passes over a y larger than the GPU's ``expand_y_chunk_bytes`` run
-chunk by chunk of y's columns (:func:`chunk_blocks`), so the later passes find y in the L2.
+chunk by chunk of y's columns (:func:`chunk_blocks`), so the later passes find y in the L2;
+with two passes, the second over a chunk shares a launch with the first over the next chunk
+(:func:`pass_launches`; a MIXED launch).
 
 Based on: Punica (Chen et al. 2023) SGMV/BGMV expand, S-LoRA (Sheng et al. 2023), vLLM punica
 ops. Ideas only; the code is ours.
@@ -20,6 +22,7 @@ ops. Ideas only; the code is ours.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -48,7 +51,15 @@ from kernels.metadata import LoraBatchMeta
 # the step, n_block_offset (where a chunk of y's columns starts) from launch to launch;
 # specialised on their values (== 1, multiple of 16) they would compile new variants while
 # serving.
-_UNSPECIALIZED = ("tile_offset", "n_block_offset", "stride_hsp", "stride_hs")
+_UNSPECIALIZED = (
+    "tile_offset",
+    "n_block_offset",
+    "seg1_start",
+    "tile_offset1",
+    "n_block_offset1",
+    "stride_hsp",
+    "stride_hs",
+)
 
 
 @triton.jit(do_not_specialize=_UNSPECIALIZED)
@@ -68,6 +79,9 @@ def _lora_expand_kernel(
     tile_slots_ptr,
     tile_offset,
     n_block_offset,
+    seg1_start,
+    tile_offset1,
+    n_block_offset1,
     out0,
     out1,
     out2,
@@ -99,11 +113,21 @@ def _lora_expand_kernel(
     Y_EARLY: tl.constexpr,
     TRIGGER: tl.constexpr,
     STORE: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
     if TRIGGER:  # let the next column pass start its B loads (see lora_expand's passes)
         gdc_launch_dependents()
-    tile = tile_offset + tl.program_id(0)
-    n0 = (n_block_offset + tl.program_id(1)) * BLOCK_N
+    pid = tl.program_id(0)
+    if MIXED:  # two passes in one launch (see lora_expand's passes): a later pass over one
+        # chunk of y's columns in programs [0, seg1_start), the first over the next chunk after
+        first = pid >= seg1_start
+        late = pid < seg1_start
+        tile = tl.where(first, tile_offset1 + pid - seg1_start, tile_offset + pid)
+        n0 = (tl.where(first, n_block_offset1, n_block_offset) + tl.program_id(1)) * BLOCK_N
+        store = first if STORE else pid < 0  # the first pass stores, as in a launch of its own
+    else:
+        tile = tile_offset + pid
+        n0 = (n_block_offset + tl.program_id(1)) * BLOCK_N
     s = tl.program_id(2)
     b_ptr, out_s, col_off, stride_bs = slice_of_b(
         s, b0_ptr, b1_ptr, b2_ptr, out0, out1, out2, off0, off1, off2, sbs0, sbs1, sbs2, N_SLICES
@@ -126,7 +150,12 @@ def _lora_expand_kernel(
         # A later column pass reads y after its wait (the previous pass writes y), B before.
         y_tile = y_ptr + tok[:, None] * stride_yt + (col_off + offs_n)[None, :]
         y_mask = row_ok[:, None] & n_ok[None, :]
-        if (not STORE) and Y_EARLY:
+        if MIXED:  # the first pass's programs request y here, the later pass's after the wait
+            if STORE:  # (the first pass does not read y)
+                y_early_old = tl.zeros([BLOCK_M, BLOCK_N], dtype=y_ptr.dtype.element_ty)
+            else:
+                y_early_old = tl.load(y_tile, mask=y_mask & first, other=0.0)
+        elif (not STORE) and Y_EARLY:
             y_old = tl.load(y_tile, mask=y_mask, other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if TILE_K == 1:  # one adapter: B's rows from one scalar base (contiguous along r,
@@ -201,7 +230,13 @@ def _lora_expand_kernel(
         # The delta is rounded to y's dtype before it is added, as PEFT adds its lora_B output;
         # a delta kept in a buffer of its own (kernels.linear_beside_lora) then sums the same.
         delta = acc.to(y_ptr.dtype.element_ty)
-        if STORE:  # y's rows are the delta (zeros for adapters without this module)
+        if MIXED:
+            # (the early y as the masked load's other value: one tile of registers, not two)
+            y_old = tl.load(y_tile, mask=y_mask & late, other=y_early_old).to(tl.float32)
+            y_new = tl.where(store, delta.to(tl.float32), y_old + delta.to(tl.float32))
+            y_mask = y_mask & ((max_rank > 0) | store)
+            tl.store(y_tile, y_new.to(y_ptr.dtype.element_ty), mask=y_mask)
+        elif STORE:  # y's rows are the delta (zeros for adapters without this module)
             tl.store(y_tile, delta, mask=y_mask)
         else:
             if not Y_EARLY:  # after the first chunk's wait: the previous pass's y
@@ -379,16 +414,17 @@ def lora_expand(
             (h, ranks, scales) if g0 == 0 else (h[:, g0:], ranks[g0:], scales[g0:])
         )
         # One launch per pass: a token appears at most once in a pass (see kernels.metadata).
-        for grid, tile_offset, n_block_offset, constexprs, options in passes:
+        for grid, segments, constexprs, options in passes:
             args = (y, h_g, b[0], b[1], b[2], ranks_g, scales_g, meta.row_tokens,
                     meta.row_weights, meta.tile_start, meta.tile_len, meta.tile_col,
-                    meta.tile_slots, tile_offset, n_block_offset, *ints)  # fmt: skip
+                    meta.tile_slots, *segments, *ints)  # fmt: skip
             _launch_expand(grid, args, constexprs, options)
 
 
 def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, store: bool):
     """Validate the operands and work out the launches: per slice group (g0, g1, the int
-    arguments after ``tile_offset``, [(grid, tile_offset, constexprs, options) per pass])."""
+    arguments after the segments', [(grid, the segments' ints, constexprs, options) per
+    launch])."""
     check_meta(meta, y.device, "lora_expand")
     check_operands(y, lora_b, ranks, "lora_expand")
     n_slices, slots, r_max = len(lora_b), lora_b[0].shape[0], lora_b[0].shape[2]
@@ -424,19 +460,22 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
         ints = (*o, *f, *sbs, slots, y.stride(0), lora_b[0].stride(1), *h.stride()[:3])
         n_blocks = triton.cdiv(max(outs[g0:g1]), block_n)
         live = [n for n in meta.pass_tiles if n]
+        budget = cfg.get("Y_CHUNK_BYTES", chunk_bytes)
+        if staggers(len(live)):  # two chunks in the L2 at once: each gets half (pass_launches)
+            budget //= 2
         chunk = chunk_blocks(n_blocks, y.shape[0] * sum(outs[g0:g1]) * y.element_size(),
-                             len(live), cfg.get("Y_CHUNK_BYTES", chunk_bytes))  # fmt: skip
+                             len(live), budget)  # fmt: skip
         # Every launch is a programmatic dependent of the kernel before it (the shrink, then
         # the previous pass), which lets it start as soon as that kernel's programs all run:
         # B is requested before the wait; y before it in a chunk's first pass only, since each
         # later pass adds to what the previous one wrote. Column passes go chunk by chunk of
-        # y's columns (see chunk_blocks): every pass over a chunk, then the next chunk.
-        launches = [
-            (i, n_tiles, nb0) for nb0 in range(0, n_blocks, chunk) for i, n_tiles in enumerate(live)
-        ]
+        # y's columns (see chunk_blocks and pass_launches).
         offsets = [sum(live[:i]) for i in range(len(live))]
         passes = []
-        for j, (i, n_tiles, nb0) in enumerate(launches):
+        launches = pass_launches(len(live), list(range(0, n_blocks, chunk)))
+        for j, segments in enumerate(launches):
+            (i, nb0), mixed = segments[0], len(segments) > 1
+            i1, nb1 = segments[-1]
             constexprs = dict(
                 TILE_K=meta.tile_k,
                 KP=kp,
@@ -454,13 +493,39 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
                 Y_EARLY=i == 0,
                 TRIGGER=pdl and j + 1 < len(launches),
                 # the first pass holds every token with an adapter (column 0 of each), once
-                STORE=store and i == 0,
+                STORE=store and i1 == 0,
+                MIXED=mixed,
             )
             options = launch_options(y.device, cfg, dependent=pdl)
-            grid = (n_tiles, min(chunk, n_blocks - nb0), g1 - g0)
-            passes.append((grid, offsets[i], nb0, constexprs, options))
+            tiles = live[i] + (live[i1] if mixed else 0)
+            grid = (tiles, min(chunk, n_blocks - min(nb0, nb1)), g1 - g0)
+            passes.append((grid, (offsets[i], nb0, live[i], offsets[i1], nb1), constexprs, options))
         groups.append((g0, g1, ints, passes))
     return groups
+
+
+def pass_launches(n_passes: int, chunk_starts: list[int]) -> list[list[tuple[int, int]]]:
+    """The column passes' launches, in order: each a list of (pass, first block of its chunk)
+    segments, one or two.
+
+    Every pass runs over a chunk after the pass before it over the same chunk, in an earlier
+    launch (each launch waits for the one before it). With one chunk, or more than two passes,
+    a launch is one pass over one chunk: every pass over a chunk, then the next chunk. With
+    two passes over several chunks, the second pass over chunk c shares a launch with the
+    first pass over chunk c + 1 (their columns are disjoint): 2 chunks + 1 launches instead
+    of 2 chunks, so fewer grids drain and start one after the other.
+
+    Example: 2 passes, chunks starting at blocks 0, 9, 18:
+    [[(0, 0)], [(1, 0), (0, 9)], [(1, 9), (0, 18)], [(1, 18)]]"""
+    if not staggers(n_passes) or len(chunk_starts) < 2:
+        return [[(i, nb0)] for nb0 in chunk_starts for i in range(n_passes)]
+    c = chunk_starts
+    return [[(0, c[0])], *([(1, c[j - 1]), (0, c[j])] for j in range(1, len(c))), [(1, c[-1])]]
+
+
+def staggers(n_passes: int) -> bool:
+    """Whether column passes over several chunks share launches (see pass_launches)."""
+    return n_passes == 2 and os.environ.get("LORASERVE_KERNELS_STAGGER") != "0"
 
 
 def chunk_blocks(n_blocks: int, y_bytes: int, passes: int, chunk_bytes: int) -> int:

@@ -7,8 +7,8 @@ import torch
 from kernels_assert import assert_close
 from kernels_cases import DTYPES, POPULARITY, Batch, make_batch
 
-from kernels import add_lora, add_lora_ref, build_lora_meta
-from kernels.lora_expand_op import chunk_blocks, split_group, zero_rows_without_lora
+from kernels import add_lora, add_lora_ref, build_lora_meta, lora_expand_op
+from kernels.lora_expand_op import chunk_blocks, pass_launches, split_group, zero_rows_without_lora
 
 
 def _run(b: Batch, device: torch.device, dtype: torch.dtype, **meta_kw) -> None:
@@ -226,6 +226,17 @@ def test_chunk_blocks() -> None:
     assert chunk_blocks(3, 1 << 30, 4, 1) == 1  # at most one chunk per block
 
 
+def test_pass_launches() -> None:
+    """Two passes over several chunks share launches in a wavefront (each pass over a chunk
+    one launch after the pass before it over that chunk); otherwise one pass a launch."""
+    assert pass_launches(2, [0]) == [[(0, 0)], [(1, 0)]]
+    assert pass_launches(2, [0, 9, 18]) == [
+        [(0, 0)], [(1, 0), (0, 9)], [(1, 9), (0, 18)], [(1, 18)]
+    ]  # fmt: skip
+    assert pass_launches(1, [0, 5]) == [[(0, 0)], [(0, 5)]]
+    assert pass_launches(3, [0, 5]) == [[(0, 0)], [(1, 0)], [(2, 0)], [(0, 5)], [(1, 5)], [(2, 5)]]
+
+
 def _chunked_and_whole(b: Batch, device: torch.device, store: bool, **expand) -> None:
     meta = build_lora_meta(b.token_slots, b.token_weights, b.num_slots, device, mode="column")
     assert (
@@ -249,9 +260,20 @@ def _chunked_and_whole(b: Batch, device: torch.device, store: bool, **expand) ->
 
 
 @pytest.mark.parametrize(("k", "store"), [(2, False), (4, False), (2, True)])
-def test_column_passes_chunk_by_chunk_of_y(device: torch.device, k: int, store: bool) -> None:
+def test_column_passes_chunk_by_chunk_of_y(
+    device: torch.device, k: int, store: bool, monkeypatch
+) -> None:
     """Column mode with y's columns in chunks (Y_CHUNK_BYTES): every pass over one chunk,
-    then the next; two slices of other widths, 3 chunks of 16-column blocks."""
+    then the next (K=2: the second pass over a chunk and the first over the next in one
+    launch); two slices of other widths, 3 chunks of 16-column blocks."""
+    mixed = []
+    launch = lora_expand_op._launch_expand
+
+    def recorded(grid, args, constexprs, options):
+        mixed.append(constexprs["MIXED"])
+        launch(grid, args, constexprs, options)
+
+    monkeypatch.setattr(lora_expand_op, "_launch_expand", recorded)
     b = make_batch(
         tokens=29, in_features=48, outs=[40, 24], r_max=16, num_slots=6, k=k,
         dtype=torch.float16, device=device, seed=20 + k,
@@ -260,12 +282,16 @@ def test_column_passes_chunk_by_chunk_of_y(device: torch.device, k: int, store: 
     assert chunk_blocks(3, y_bytes, k, y_bytes // 3 + 1) == 1
     _chunked_and_whole(b, device, store, BLOCK_N=16, num_warps=4, num_stages=1,
                        chunk_bytes=y_bytes // 3 + 1)  # fmt: skip
+    # whole passes, then the chunked ones: K=2 in 4 launches, two of them mixed; K=4 in 12
+    want = [False] * k + ([False, True, True, False] if k == 2 else [False] * 3 * k)
+    assert mixed == want
 
 
 @pytest.mark.gpu
 def test_column_passes_chunk_by_chunk_at_prefill_size_on_the_gpu() -> None:
-    """The same at 1,024 tokens, 4096 out, K=2 over 64 slots, bf16, 4 chunks: each chunk's
-    first pass is a programmatic dependent of the previous chunk's last."""
+    """The same at 1,024 tokens, 4096 out, K=2 over 64 slots, bf16, 8 chunks (half the 2 MB
+    budget each, two passes): every launch is a programmatic dependent of the one before it,
+    seven of them hold the second pass over one chunk and the first over the next."""
     cuda = torch.device("cuda")
     b = make_batch(
         tokens=1024, in_features=4096, outs=[4096], r_max=16, num_slots=64, k=2,
