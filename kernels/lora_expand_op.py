@@ -48,7 +48,8 @@ from kernels.config import expand_chunk_bytes, kernel_config
 from kernels.metadata import LoraBatchMeta
 
 # tile_offset (where a column-mode pass starts in the tile list) and h's strides change with
-# the step, n_block_offset (where a chunk of y's columns starts) from launch to launch;
+# the step, n_block_offset (where a chunk of y's columns starts) from launch to launch, and
+# so do a mixed launch's second segment's (seg1_start, tile_offset1, n_block_offset1);
 # specialised on their values (== 1, multiple of 16) they would compile new variants while
 # serving.
 _UNSPECIALIZED = (
@@ -118,8 +119,8 @@ def _lora_expand_kernel(
     if TRIGGER:  # let the next column pass start its B loads (see lora_expand's passes)
         gdc_launch_dependents()
     pid = tl.program_id(0)
-    if MIXED:  # two passes in one launch (see lora_expand's passes): a later pass over one
-        # chunk of y's columns in programs [0, seg1_start), the first over the next chunk after
+    if MIXED:  # two passes in one launch (see pass_launches): the second pass over one chunk
+        # of y's columns in programs [0, seg1_start), the first over the next chunk after
         first = pid >= seg1_start
         late = pid < seg1_start
         tile = tl.where(first, tile_offset1 + pid - seg1_start, tile_offset + pid)
@@ -413,7 +414,8 @@ def lora_expand(
         h_g, ranks_g, scales_g = (
             (h, ranks, scales) if g0 == 0 else (h[:, g0:], ranks[g0:], scales[g0:])
         )
-        # One launch per pass: a token appears at most once in a pass (see kernels.metadata).
+        # A launch per pass and chunk, or two passes' segments (pass_launches): a token appears
+        # at most once in a pass (see kernels.metadata), so no atomics.
         for grid, segments, constexprs, options in passes:
             args = (y, h_g, b[0], b[1], b[2], ranks_g, scales_g, meta.row_tokens,
                     meta.row_weights, meta.tile_start, meta.tile_len, meta.tile_col,
@@ -498,7 +500,7 @@ def _plan(y, h, lora_b, ranks, scales, meta: LoraBatchMeta, config, pdl: bool, s
             )
             options = launch_options(y.device, cfg, dependent=pdl)
             tiles = live[i] + (live[i1] if mixed else 0)
-            grid = (tiles, min(chunk, n_blocks - min(nb0, nb1)), g1 - g0)
+            grid = (tiles, min(chunk, n_blocks - nb0), g1 - g0)  # (nb0 < nb1 when mixed)
             passes.append((grid, (offsets[i], nb0, live[i], offsets[i1], nb1), constexprs, options))
         groups.append((g0, g1, ints, passes))
     return groups
@@ -512,8 +514,11 @@ def pass_launches(n_passes: int, chunk_starts: list[int]) -> list[list[tuple[int
     launch (each launch waits for the one before it). With one chunk, or more than two passes,
     a launch is one pass over one chunk: every pass over a chunk, then the next chunk. With
     two passes over several chunks, the second pass over chunk c shares a launch with the
-    first pass over chunk c + 1 (their columns are disjoint): 2 chunks + 1 launches instead
-    of 2 chunks, so fewer grids drain and start one after the other.
+    first pass over chunk c + 1 (their columns are disjoint), so the one runs beside the
+    other instead of after it. lora_expand then gives each chunk half the byte budget (two
+    are in the L2 at once), which makes about as many launches as one pass a launch over
+    chunks of the whole budget; on the H100 the wavefront took K=2 at 11008 out, 4,096
+    tokens from 156 to 149 us (docs/benchmarks.md, twentieth pass).
 
     Example: 2 passes, chunks starting at blocks 0, 9, 18:
     [[(0, 0)], [(1, 0), (0, 9)], [(1, 9), (0, 18)], [(1, 18)]]"""
