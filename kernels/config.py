@@ -137,7 +137,8 @@ def fused_max_tokens(device: torch.device | str, lora: bool) -> int:
 def expand_chunk_bytes(device: torch.device | str) -> int:
     """Most bytes of y that one launch of a column-mode expand pass covers before the next
     pass covers the same columns (``expand_y_chunk_bytes`` in the GPU's config; 0, the
-    default, runs each pass over all of y; see :func:`kernels.lora_expand_op.chunk_blocks`)."""
+    default, runs each pass over all of y; see :func:`kernels.lora_expand_op.chunk_blocks`).
+    Two passes run as a wavefront over chunks of half of it (``pass_launches``)."""
     return int(load_config(gpu_config_name(device)).get("expand_y_chunk_bytes", 0))
 
 
