@@ -13,8 +13,10 @@ flushed), all in the same run:
 - unfused_ms: F.linear then add_lora on one stream (shrink + expand after the GEMM);
   beside_ms: linear_beside_lora with the delta into a residual plus the residual add, minus
   nothing (compare with cublas_add_ms, the F.linear + the same add);
-- fused_ms: shrink + fused_linear_lora; shrink_ms: its shrink alone; fused_nopdl_ms: the pair
-  without programmatic dependent launch;
+- fused_ms: fused_linear_lora (the shrink in its main loop for steps of few adapters, else the
+  shrink kernel + the GEMM); shrink_ms: the shrink kernel alone; fused_nopdl_ms: the pair
+  without programmatic dependent launch; with --placements, fused_in_loop_ms and
+  fused_apart_ms: the shrink forced into the main loop (up to 8 adapters) and apart;
 - ratio_fused = fused_ms / cublas_ms (the stretch goal: <= 1.1); ratio_delta = (fused_ms -
   cublas_ms) / cublas_ms (the kernel issue's metric: what the adapters add over the base
   projection); ratio_epilogue = (fused_ms - triton_ms) / cublas_ms (what the delta costs
@@ -73,6 +75,8 @@ PROJECTIONS = {
     "gate_up": (4096, [11008, 11008]),
 }
 TOKENS = [1, 16, 32, 64, 128, 256]
+# --placements times the shrink in the main loop up to this many distinct adapters
+MAX_IN_LOOP_ADAPTERS = 8
 
 
 def operands(name: str, tokens: int, adapters: int, k: int, seed: int = 0):
@@ -88,7 +92,8 @@ def operands(name: str, tokens: int, adapters: int, k: int, seed: int = 0):
     return p.x, w, lora, ranks, scales, meta, p.adapters
 
 
-def run_case(name: str, tokens: int, adapters: int, k: int, rep: int) -> dict:
+def run_case(name: str, tokens: int, adapters: int, k: int, rep: int,
+             placements: bool = False) -> dict:  # fmt: skip
     x, w, (la, lb), ranks, scales, meta, d = operands(name, tokens, adapters, k)
     resid = torch.zeros(tokens, w.shape[0], dtype=x.dtype, device=x.device)
     out = {"case": "fused_linear", "proj": name, "in": x.shape[1], "out": w.shape[0],
@@ -122,6 +127,17 @@ def run_case(name: str, tokens: int, adapters: int, k: int, rep: int) -> dict:
         )
     finally:
         del os.environ["LORASERVE_KERNELS_PDL"]
+    if placements:  # the fused pair with the shrink forced into the main loop, and apart
+        for key, forced in (("fused_in_loop_ms", "1"), ("fused_apart_ms", "0")):
+            if forced == "1" and d > MAX_IN_LOOP_ADAPTERS:
+                continue  # the loop's fallback shrinks a group at a time: slow by design
+            os.environ["LORASERVE_KERNELS_FUSED_IN_LOOP"] = forced
+            try:
+                out[key] = graph_ms(
+                    lambda: fused_linear_lora(x, w, None, la, lb, ranks, scales, meta), rep=rep
+                )
+            finally:
+                del os.environ["LORASERVE_KERNELS_FUSED_IN_LOOP"]
     want = F.linear(x, w)
     add_lora(want, x, la, lb, ranks, scales, meta)
     got = fused_linear_lora(x, w, None, la, lb, ranks, scales, meta)
@@ -279,6 +295,9 @@ def main() -> None:
     ap.add_argument("--proj", nargs="+", default=list(PROJECTIONS))
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--placements", action="store_true",
+                    help="also time the pair with the shrink forced into the GEMM's main loop "
+                    "(fused_in_loop_ms, up to 8 adapters) and apart (fused_apart_ms)")  # fmt: skip
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
                     help="override a key of every fused config entry (e.g. SLOT_LOOP=0)")  # fmt: skip
     args = ap.parse_args()
@@ -298,7 +317,7 @@ def main() -> None:
     for name, t, d, k in itertools.product(args.proj, args.tokens, args.adapters, args.k):
         if k == 2 and d == 1:  # K=2 needs two adapters per token
             continue
-        rows.append(run_case(name, t, d, k, args.rep))
+        rows.append(run_case(name, t, d, k, args.rep, args.placements))
         line = json.dumps(rows[-1])
         print(line, flush=True)
         if sink:

@@ -47,7 +47,9 @@ from kernels._common import (
     check_meta,
     check_operands,
     dot_precision,
+    fit_stages,
     launch_options,
+    max_shared_memory,
     next_pow2,
     pad3,
     pdl_supported,
@@ -74,7 +76,104 @@ _SHRINK_KEYS = {
 # Adapters per step of the epilogue's walk (config key SLOTS_PER_STEP): their B tiles are
 # loaded together, so the walk waits for memory once per group instead of once per adapter.
 _SLOTS_PER_STEP = 4
+# Columns of h (adapters times padded rank) that the GEMM's main loop computes itself, with no
+# shrink kernel (config key LOOP_COLS; see _shrink_in_loop): two rank-16 adapters.
+_LOOP_COLS = 32
 _UNSPECIALIZED = ("num_tokens", "stride_hsp", "stride_hs")
+
+
+@triton.jit
+def _offs_q(LOOP_SLOTS: tl.constexpr, RP: tl.constexpr):
+    """Columns q = (adapter j of a group, rank row r), j-major."""
+    return tl.arange(0, LOOP_SLOTS * RP)
+
+
+@triton.jit
+def _slice_of_a(s, a0_ptr, a1_ptr, a2_ptr, sas0, sas1, sas2, N_SLICES: tl.constexpr):
+    """Slice s's A pointer and A's stride between slots."""
+    a_ptr, stride_as = a0_ptr, sas0
+    if N_SLICES > 1:  # noqa: SIM102 (constexpr test, then a runtime one)
+        if s == 1:
+            a_ptr, stride_as = a1_ptr, sas1
+    if N_SLICES > 2:  # noqa: SIM102
+        if s == 2:
+            a_ptr, stride_as = a2_ptr, sas2
+    return a_ptr, stride_as
+
+
+@triton.jit
+def _group_operands(slot_list_ptr, ranks_ptr, a_ptr, stride_as, stride_ar, i0, n_used,
+                    LOOP_SLOTS: tl.constexpr, RP: tl.constexpr, R_MAX: tl.constexpr):  # fmt: skip
+    """For the step's adapters i0 .. i0 + LOOP_SLOTS - 1, per column q = (j, r): the slot,
+    whether the column is live (an adapter of the step, r below its rank) and A's row."""
+    offs_q = _offs_q(LOOP_SLOTS, RP)
+    q_used = i0 + offs_q // RP < n_used
+    slot_q = tl.load(slot_list_ptr + 1 + i0 + offs_q // RP, mask=q_used, other=-1)
+    rank_q = tl.load(ranks_ptr + slot_q, mask=q_used, other=0)
+    q_live = q_used & (offs_q % RP < tl.minimum(rank_q, R_MAX))
+    a_rows = a_ptr + slot_q.to(tl.int64) * stride_as + (offs_q % RP) * stride_ar
+    return slot_q, q_live, a_rows
+
+
+@triton.jit
+def _x_tile(x_rows, m_ok, k, in_features, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
+    """x's rows of the tile, columns k (zero past in_features)."""
+    if EVEN_K:
+        xt = tl.load(x_rows + k[None, :], mask=m_ok[:, None], other=0.0)
+    else:
+        xt = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < in_features)[None, :],
+                     other=0.0)  # fmt: skip
+    if UPCAST:  # the interpreter mishandles bf16 arithmetic
+        xt = xt.to(tl.float32)
+    return xt
+
+
+@triton.jit
+def _x_times_a(xt, a_rows, q_live, k, in_features, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """x's tile [M, BLOCK_K] times the group's A rows of the same columns: [M, LOOP_SLOTS * RP],
+    zero in the columns that are not live."""
+    if EVEN_K:
+        at = tl.load(a_rows[:, None] + k[None, :], mask=q_live[:, None], other=0.0)
+    else:
+        at = tl.load(a_rows[:, None] + k[None, :],
+                     mask=q_live[:, None] & (k < in_features)[None, :], other=0.0)  # fmt: skip
+    if UPCAST:
+        at = at.to(tl.float32)
+    return tl.dot(xt, tl.trans(at), input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _group_delta(h, slot_q, q_live, b_ptr, stride_bs, stride_bn, offs_n, n_ok, offs_m, m_ok,
+                 token_slots_ptr, token_weights_ptr, scales_ptr, MAX_K: tl.constexpr,
+                 LOOP_SLOTS: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """The delta [M, BLOCK_N] of one group of adapters, from h = x A^T of every token against
+    each of the group's adapters: column q = (j, r) of h is weighted by the token's mixture
+    weight for adapter j (0 if the token does not use it) times j's scale, rounded to the
+    weights' dtype (as PEFT rounds lora_A's output), and multiplied by the group's B rows of
+    this tile's columns on the tensor cores."""
+    coef = tl.zeros([h.shape[0], LOOP_SLOTS * RP], dtype=tl.float32)
+    for kk in tl.static_range(MAX_K):
+        slot_m = tl.load(token_slots_ptr + offs_m * MAX_K + kk, mask=m_ok, other=-1)
+        w_m = tl.load(token_weights_ptr + offs_m * MAX_K + kk, mask=m_ok, other=0.0)
+        hit = (slot_m[:, None] == slot_q[None, :]) & q_live[None, :]
+        coef += tl.where(hit, w_m[:, None], 0.0)
+    coef = coef * tl.load(scales_ptr + slot_q, mask=q_live, other=0.0)[None, :]
+    hd = (h * coef).to(b_ptr.dtype.element_ty)
+    offs_r = _offs_q(LOOP_SLOTS, RP) % RP
+    bt = tl.load(
+        b_ptr
+        + slot_q.to(tl.int64)[None, :] * stride_bs
+        + offs_n[:, None] * stride_bn
+        + offs_r[None, :],
+        mask=n_ok[:, None] & q_live[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        return tl.dot(hd.to(tl.float32), tl.trans(bt.to(tl.float32)),
+                      input_precision=DOT_PRECISION)  # fmt: skip
+    return tl.dot(hd, tl.trans(bt), input_precision=DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=_UNSPECIALIZED)
@@ -84,6 +183,9 @@ def _fused_linear_lora_kernel(
     bias_ptr,
     y_ptr,
     h_ptr,
+    a0_ptr,
+    a1_ptr,
+    a2_ptr,
     b0_ptr,
     b1_ptr,
     b2_ptr,
@@ -103,11 +205,15 @@ def _fused_linear_lora_kernel(
     sbs0,
     sbs1,
     sbs2,
+    sas0,
+    sas1,
+    sas2,
     num_slots,
     stride_xt,
     stride_wn,
     stride_yt,
     stride_bn,
+    stride_ar,
     stride_hsp,
     stride_hs,
     stride_ht,
@@ -118,6 +224,8 @@ def _fused_linear_lora_kernel(
     RP: tl.constexpr,
     KP: tl.constexpr,
     SLOTS_PER_STEP: tl.constexpr,
+    IN_LOOP: tl.constexpr,
+    LOOP_SLOTS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -145,6 +253,16 @@ def _fused_linear_lora_kernel(
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xt
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if HAS_LORA and IN_LOOP:
+            # The shrink of the step's first LOOP_SLOTS adapters rides along the main loop: the
+            # x tile is already in registers, so h costs only the A tile's load and one dot.
+            a_ptr, stride_as = _slice_of_a(s, a0_ptr, a1_ptr, a2_ptr, sas0, sas1, sas2, N_SLICES)
+            n_used = tl.load(slot_list_ptr)
+            slot_q, q_live, a_rows = _group_operands(
+                slot_list_ptr, ranks_ptr + s * num_slots, a_ptr, stride_as, stride_ar, 0,
+                n_used, LOOP_SLOTS, RP, R_MAX,
+            )  # fmt: skip
+            h = tl.zeros([BLOCK_M, LOOP_SLOTS * RP], dtype=tl.float32)
         for k0 in range(0, in_features, BLOCK_K):
             k = k0 + offs_k
             if EVEN_K:
@@ -158,11 +276,40 @@ def _fused_linear_lora_kernel(
                 xt = xt.to(tl.float32)
                 wt = wt.to(tl.float32)
             acc += tl.dot(xt, tl.trans(wt), input_precision=DOT_PRECISION)
+            if HAS_LORA and IN_LOOP:
+                h += _x_times_a(xt, a_rows, q_live, k, in_features, EVEN_K, UPCAST, DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)
         out = acc.to(y_ptr.dtype.element_ty)
 
-        if HAS_LORA:
+        if HAS_LORA and IN_LOOP:
+            delta = _group_delta(
+                h, slot_q, q_live, b_ptr, stride_bs, stride_bn, offs_n, n_ok, offs_m, m_ok,
+                token_slots_ptr, token_weights_ptr, scales_ptr + s * num_slots,
+                MAX_K, LOOP_SLOTS, RP, UPCAST, DOT_PRECISION,
+            )  # fmt: skip
+            # Adapters past the first LOOP_SLOTS (a step with more than the host planned for,
+            # as when a captured graph replays a later step): their shrink runs here, a group
+            # at a time, x read again from the L2. Correct at any count; fast only for few.
+            for i0 in range(LOOP_SLOTS, n_used, LOOP_SLOTS):
+                slot_q, q_live, a_rows = _group_operands(
+                    slot_list_ptr, ranks_ptr + s * num_slots, a_ptr, stride_as, stride_ar, i0,
+                    n_used, LOOP_SLOTS, RP, R_MAX,
+                )  # fmt: skip
+                h = tl.zeros([BLOCK_M, LOOP_SLOTS * RP], dtype=tl.float32)
+                for k0 in range(0, in_features, BLOCK_K):
+                    k = k0 + offs_k
+                    xt = _x_tile(x_rows, m_ok, k, in_features, EVEN_K, UPCAST)
+                    h += _x_times_a(xt, a_rows, q_live, k, in_features, EVEN_K, UPCAST,
+                                    DOT_PRECISION)  # fmt: skip
+                delta += _group_delta(
+                    h, slot_q, q_live, b_ptr, stride_bs, stride_bn, offs_n, n_ok, offs_m, m_ok,
+                    token_slots_ptr, token_weights_ptr, scales_ptr + s * num_slots,
+                    MAX_K, LOOP_SLOTS, RP, UPCAST, DOT_PRECISION,
+                )  # fmt: skip
+            delta = delta.to(y_ptr.dtype.element_ty).to(tl.float32)
+            out = (out.to(tl.float32) + delta).to(y_ptr.dtype.element_ty)
+        if HAS_LORA and not IN_LOOP:
             if USE_PDL:
                 gdc_wait()  # the shrink's h is complete and visible past this point
             # Rows j = (token m, adapter k), m-major: h's and the metadata's own layout.
@@ -225,6 +372,42 @@ def _fused_linear_lora_kernel(
 
 
 _launch_fused = Launcher(_fused_linear_lora_kernel, unspecialized=_UNSPECIALIZED)
+
+
+def _shrink_in_loop(cfg: dict, meta: LoraBatchMeta, rp: int) -> tuple[bool, int]:
+    """Whether the shrink rides along the GEMM's main loop, and for how many adapters.
+
+    The main loop can carry the shrink of LOOP_COLS / RP adapters (config key LOOP_COLS,
+    columns of h: adapters times their padded rank; fewer if the step uses fewer) at the cost of one more A tile and one
+    more dot per step; more than that and every program's redundant A reads outgrow the
+    separate shrink. So it is taken when the step uses at most that many adapters, or
+    forced by the config key IN_LOOP (0/1) or LORASERVE_KERNELS_FUSED_IN_LOOP (A/B runs).
+    A step with more adapters than the loop carries is still right: the rest are shrunk
+    after the main loop (slowly), so a captured graph may replay any step."""
+    most = max(1, cfg.get("LOOP_COLS", _LOOP_COLS) // rp)
+    # no more than the step uses (a power of two, for the tile): masked rows still cost
+    # shared memory and tensor-core work
+    loop_slots = min(most, next_pow2(max(1, meta.num_used)))
+    forced = os.environ.get("LORASERVE_KERNELS_FUSED_IN_LOOP", cfg.get("IN_LOOP"))
+    if forced is not None and str(forced) != "":
+        return bool(int(forced)), loop_slots
+    return meta.num_used <= most, loop_slots
+
+
+def _check_a(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], in_features: int):
+    slots, r_max = lora_b[0].shape[0], lora_b[0].shape[2]
+    for aa in lora_a:
+        if aa.dim() != 3 or tuple(aa.shape) != (slots, r_max, in_features) or aa.stride(2) != 1:
+            raise ValueError(
+                f"fused_linear_lora: A slices must be [{slots}, {r_max}, {in_features}] with "
+                f"contiguous rows, got {tuple(aa.shape)}"
+            )
+        if aa.stride(1) != lora_a[0].stride(1):
+            raise ValueError("fused_linear_lora: A slices must share their row stride")
+
+
+def _max_shared(device: torch.device) -> int:
+    return max_shared_memory(device.index or 0) if device.type == "cuda" else 1 << 30
 
 
 def fused_shrink_config(cfg: dict, tokens: int, in_features: int, device) -> dict:
@@ -340,45 +523,58 @@ def fused_linear_lora(
     block_m = cfg.get("BLOCK_M") or max(16, min(128, next_pow2(t)))
     block_n = min(cfg["BLOCK_N"], max(16, next_pow2(max(outs))))
     block_k = min(cfg["BLOCK_K"], max(16, next_pow2(in_features)))
-    pdl = lora and pdl_supported(x.device)
+    num_stages = cfg["num_stages"]
+    in_loop, loop_slots = False, 1
     if lora:
+        slots, r_max = lora_b[0].shape[0], lora_b[0].shape[2]
+        rp = max(16, next_pow2(r_max))
+        in_loop, loop_slots = _shrink_in_loop(cfg, meta, rp)
+        b = pad3(lora_b, lora_b[0])
+        sbs = pad3([bb.stride(0) for bb in lora_b], 0)
+        stride_bn, max_k = lora_b[0].stride(1), meta.max_k
+    if in_loop:
+        _check_a(lora_a, lora_b, in_features)
+        a = pad3(lora_a, lora_a[0])
+        sas = pad3([aa.stride(0) for aa in lora_a], 0)
+        stride_ar, h_strides, num_splits = lora_a[0].stride(1), (0,) * 3, 1
+        lora_args = (y, *a, *b, ranks, scales, meta.token_slots, meta.token_weights,
+                     meta.slot_list)  # fmt: skip
+        # The A tile rides along x's and W's in the pipeline's shared memory. This loop keeps
+        # a copy per stage (compiled for sm_90: 4 stages of 48 KB take 192 KB), one more than
+        # fit_stages counts, hence the limit less one stage.
+        stage_bytes = (block_m + block_n + loop_slots * rp) * block_k * x.element_size()
+        num_stages = fit_stages(num_stages, stage_bytes, _max_shared(x.device) - stage_bytes)
+    elif lora:
         if shrink_config is None:
             shrink_config = fused_shrink_config(cfg, t, in_features, x.device)
         h = lora_shrink(x, lora_a, ranks, meta, config=shrink_config)
-        slots, r_max = lora_b[0].shape[0], lora_b[0].shape[2]
-        b = pad3(lora_b, lora_b[0])
-        sbs = pad3([bb.stride(0) for bb in lora_b], 0)
-        lora_args = (h, b[0], b[1], b[2], ranks, scales, meta.token_slots, meta.token_weights,
+        lora_args = (h, y, y, y, *b, ranks, scales, meta.token_slots, meta.token_weights,
                      meta.slot_list)  # fmt: skip
-        h_strides = h.stride()[:3]
-        stride_bn, max_k, num_splits = lora_b[0].stride(1), meta.max_k, h.shape[0]
+        h_strides, num_splits, sas, stride_ar = h.stride()[:3], h.shape[0], [0] * 3, 0
     else:  # placeholders the kernel never reads
-        slots, r_max, sbs, h_strides, stride_bn, max_k, num_splits = (
-            1,
-            16,
-            [0] * 3,
-            (0,) * 3,
-            0,
-            1,
-            1,
-        )
-        lora_args = (y,) * 9
+        slots, r_max, rp, sbs, sas, h_strides, stride_bn, stride_ar, max_k, num_splits = (
+            1, 16, 16, [0] * 3, [0] * 3, (0,) * 3, 0, 0, 1, 1,
+        )  # fmt: skip
+        lora_args = (y,) * 12
+    pdl = lora and not in_loop and pdl_supported(x.device)
     offs = [sum(outs[:i]) for i in range(len(outs))]
     args = (
         x, weight, bias if bias is not None else y, y, *lora_args, t, in_features,
-        *pad3(outs, 0), *pad3(offs, 0), *sbs, slots, x.stride(0), weight.stride(0),
-        y.stride(0), stride_bn, *h_strides,
+        *pad3(outs, 0), *pad3(offs, 0), *sbs, *sas, slots, x.stride(0), weight.stride(0),
+        y.stride(0), stride_bn, stride_ar, *h_strides,
     )  # fmt: skip
     constexprs = dict(
         HAS_BIAS=bias is not None,
         HAS_LORA=lora,
         MAX_K=max_k,
         R_MAX=r_max,
-        RP=max(16, next_pow2(r_max)),
+        RP=rp,
         KP=next_pow2(max_k),
         # rows are (token, k) pairs: K adapters a token take K times the rows, so a group
         # holds 1/K as many adapters (the tile of h it selects from keeps its tuned size)
         SLOTS_PER_STEP=max(1, cfg.get("SLOTS_PER_STEP", _SLOTS_PER_STEP) // next_pow2(max_k)),
+        IN_LOOP=in_loop,
+        LOOP_SLOTS=loop_slots,
         NUM_SPLITS=num_splits,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -389,6 +585,7 @@ def fused_linear_lora(
         DOT_PRECISION=dot_precision(x.dtype),
         USE_PDL=pdl,
     )
+    options = launch_options(x.device, {**cfg, "num_stages": num_stages}, dependent=pdl)
     grid = (triton.cdiv(max(outs), block_n), triton.cdiv(t, block_m), len(outs))
-    _launch_fused(grid, args, constexprs, launch_options(x.device, cfg, dependent=pdl))
+    _launch_fused(grid, args, constexprs, options)
     return y

@@ -96,6 +96,7 @@ class LoraBatchMeta:
     max_k: int  # K
     num_slots: int
     num_active: int  # tokens with at least one adapter
+    num_used: int  # distinct slots the step uses (slot_list[0], as a host value)
     num_tiles: int  # real tiles
     grid_tiles: int  # G = sum(pass_tiles), tiles with padding
     block_m: int  # most rows per tile, the kernels' BLOCK_M
@@ -343,6 +344,7 @@ def build_lora_meta(
         max_k=k,
         num_slots=num_slots,
         num_active=int((slots[:, 0] >= 0).sum()),
+        num_used=len(used),
         num_tiles=num_tiles,
         grid_tiles=grid,
         block_m=block_m,

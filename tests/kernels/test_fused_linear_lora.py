@@ -1,4 +1,8 @@
-"""fused_linear_lora: the base projection with the LoRA delta in its epilogue."""
+"""fused_linear_lora: the base projection with the LoRA delta in its epilogue.
+
+Every case runs with the shrink in the GEMM's main loop and as a kernel of its own (the
+``placement`` fixture); the in-loop runs cover steps with more adapters than the loop carries
+(the rest shrunk after the main loop)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,16 @@ from kernels_assert import assert_close
 from kernels_cases import DTYPES, linear_weights, make_batch
 
 from kernels import add_lora_ref, build_lora_meta, fused_linear_lora
-from kernels.fused_linear_lora_op import fused_shrink_config
+from kernels.fused_linear_lora_op import _shrink_in_loop, fused_shrink_config
+
+
+@pytest.fixture(params=["in_loop", "apart"])
+def placement(request, monkeypatch) -> str:
+    """Where the shrink runs: in the GEMM's main loop, or as its own kernel before it."""
+    monkeypatch.setenv(
+        "LORASERVE_KERNELS_FUSED_IN_LOOP", "1" if request.param == "in_loop" else "0"
+    )
+    return request.param
 
 
 def _check(device, dtype, *, tokens, in_features, outs, r_max=16, k=1, popularity="uniform",
@@ -40,14 +53,14 @@ def _check(device, dtype, *, tokens, in_features, outs, r_max=16, k=1, popularit
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_fused_matches_the_projection_plus_the_reference_delta(device, dtype) -> None:
+def test_fused_matches_the_projection_plus_the_reference_delta(device, placement, dtype) -> None:
     """Three slices of odd sizes (qkv-like), a prime in_features, a bias, K=2."""
     _check(device, dtype, tokens=23, in_features=97, outs=[48, 24, 40], k=2)
 
 
 @pytest.mark.parametrize("popularity", ["all_distinct", "zipf", "identical", "one_hot"])
 @pytest.mark.parametrize("k", [1, 4])
-def test_fused_over_plans(device, popularity: str, k: int) -> None:
+def test_fused_over_plans(device, placement, popularity: str, k: int) -> None:
     """Per-row slots in one tile: every popularity, K up to 4, plan and column mode."""
     mode = "column" if k > 1 and popularity == "all_distinct" else None
     _check(device, torch.float16, tokens=19, in_features=64, outs=[40, 24], k=k,
@@ -55,10 +68,11 @@ def test_fused_over_plans(device, popularity: str, k: int) -> None:
 
 
 @pytest.mark.parametrize("ranks", [(1, 8, 16), (64, 128)])
-def test_fused_mixed_ranks_and_several_tiles(device, ranks) -> None:
+def test_fused_mixed_ranks_and_several_tiles(device, placement, ranks) -> None:
     """Mixed ranks in one batch (rows above a rank are garbage in B and never read); more
     tokens than one BLOCK_M and columns than one BLOCK_N; ranks above 16 (several MMA steps);
-    the epilogue's walk over 7 slots in groups of 2 (the last one short)."""
+    the epilogue's walk over 7 slots in groups of 2 (the last one short); in the loop, rank
+    128 leaves room for one adapter there, the others shrunk after it."""
     r_max = max(ranks)
     config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1,
               "SLOTS_PER_STEP": 2}  # fmt: skip
@@ -119,9 +133,31 @@ def test_fused_shrink_shape_comes_from_the_fused_config(device) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [16, 64])
-def test_fused_at_7b_size_with_four_adapters_a_token_on_the_gpu(tokens: int) -> None:
+def test_fused_at_7b_size_with_four_adapters_a_token_on_the_gpu(placement, tokens: int) -> None:
     """The tuned fused configs at a 7B projection with K=4 plans (the engine captures its
     mixture graphs with K=4): the shrink shape tuned on one adapter a token needed more
     shared memory than the H100 has with four, until its stages were fitted."""
     _check(torch.device("cuda"), torch.bfloat16, tokens=tokens, in_features=4096, outs=[4096],
            k=4, popularity="zipf", bias=False)  # fmt: skip
+
+
+def test_the_shrink_rides_the_main_loop_for_steps_of_few_adapters(device, monkeypatch) -> None:
+    """By default the main loop carries two rank-16 adapters (LOOP_COLS 32 columns of h), one
+    of rank 32 to 64, and a step of more adapters gets the shrink kernel; the config key and
+    the environment force either placement."""
+    monkeypatch.delenv("LORASERVE_KERNELS_FUSED_IN_LOOP", raising=False)
+
+    def meta_of(adapters: int):
+        slots = torch.arange(8, dtype=torch.int32).remainder(adapters)[:, None]
+        return build_lora_meta(slots, torch.ones(8, 1), 8, device)
+
+    assert meta_of(2).num_used == 2
+    assert _shrink_in_loop({}, meta_of(2), 16) == (True, 2)
+    assert _shrink_in_loop({}, meta_of(3), 16) == (False, 2)
+    assert _shrink_in_loop({}, meta_of(1), 16) == (True, 1)  # no rows for a second one
+    assert _shrink_in_loop({}, meta_of(1), 64) == (True, 1)
+    assert _shrink_in_loop({}, meta_of(2), 64) == (False, 1)
+    assert _shrink_in_loop({"LOOP_COLS": 64}, meta_of(4), 16) == (True, 4)
+    assert _shrink_in_loop({"IN_LOOP": 0}, meta_of(2), 16) == (False, 2)
+    monkeypatch.setenv("LORASERVE_KERNELS_FUSED_IN_LOOP", "1")
+    assert _shrink_in_loop({}, meta_of(8), 16) == (True, 2)
