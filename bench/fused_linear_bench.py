@@ -32,6 +32,8 @@ rows and of those whose bytes allow it.
 adapters) and prints the best per (projection, tokens) as config entries for kernels/configs/
 (--write puts them there). --sweep-shrink [--write] then tunes each entry's shrink shape
 (SHRINK_SPLIT_K, SHRINK_BLOCK_K, SHRINK_STAGES, SHRINK_WARPS) with 1 and 8 adapters.
+--sweep-loop [--write] then sets each entry's LOOP_USED: the counts of distinct adapters (1,
+2) for which the shrink in the GEMM's main loop beat the shrink kernel beside it.
 Never asserts on time.
 """
 
@@ -283,11 +285,65 @@ def sweep_shrink(rep: int, write: bool) -> None:
         print(json.dumps({"sweep": "written", "path": str(path), "entries": len(plan)}))
 
 
+def _placement_ms(ops: tuple, cfg: dict, in_loop: bool, rep: int) -> float:
+    x, w, (la, lb), ranks, scales, meta, _ = ops
+    cfg = {**cfg, "IN_LOOP": int(in_loop)}
+    return graph_ms(lambda: fused_linear_lora(x, w, None, la, lb, ranks, scales, meta,
+                                              config=cfg), rep=rep, warmup=5)  # fmt: skip
+
+
+def sweep_loop(rep: int, write: bool, rounds: int = 2) -> None:
+    """Per fused entry of the GPU's config file, and per count of distinct adapters the GEMM's
+    main loop can carry (1 and 2, rank 16), time the pair with the shrink in the loop and
+    apart (``rounds`` times each, interleaved) at the token counts of TOKENS in the entry's
+    bucket: one adapter with K=1, two with K=1 (where T > 1) and K=2. The loop takes a count
+    where the sum of its times is 1% below apart's; --write sets the entry's LOOP_USED to
+    those counts (the loop's shared memory and registers can cost an SM a program, so the
+    answer depends on the shape, not only on the adapters)."""
+    by_shape = {(ins, sum(outs)): name for name, (ins, outs) in PROJECTIONS.items()}
+    path = CONFIG_DIR / f"{gpu_config_name('cuda')}.json"
+    cfg_file = json.loads(path.read_text())
+    fused = sorted(cfg_file["fused"], key=lambda e: (e["dim"], e.get("in", 0), e["max_tokens"]))
+    low = {}
+    for entry in fused:  # each entry covers the tokens above the last bound of its shape
+        shape = (entry["dim"], entry.get("in"))
+        lo, low[shape] = low.get(shape, 0), entry["max_tokens"]
+        name = by_shape.get((entry.get("in"), entry["dim"]))
+        if name is None:
+            continue
+        base = {k: v for k, v in entry.items() if k not in ("max_tokens", "dim", "in")}
+        tokens = [t for t in TOKENS if lo < t <= entry["max_tokens"]]
+        used_ok = []
+        for used in (1, 2):
+            cases = [operands(name, t, used, k) for t in tokens for k in (1, 2)
+                     if (k == 1 or used == 2) and (used == 1 or k == 2 or t > 1)]  # fmt: skip
+            sums = {True: 0.0, False: 0.0}
+            for _ in range(rounds):
+                for ops in cases:
+                    for in_loop in (True, False):
+                        sums[in_loop] += _placement_ms(ops, base, in_loop, rep)
+            if sums[True] < 0.99 * sums[False]:
+                used_ok.append(used)
+            print(json.dumps({"sweep": "loop", "proj": name, "max_tokens": entry["max_tokens"],
+                              "tokens": tokens, "used": used, "loop_ms": sums[True] / rounds,
+                              "apart_ms": sums[False] / rounds}), flush=True)  # fmt: skip
+        entry["LOOP_USED"] = used_ok
+        print(json.dumps({"sweep": "loop_used", "proj": name, "entry": entry}), flush=True)
+    if write:
+        path.write_text(json.dumps(cfg_file, indent=1) + "\n")
+        print(json.dumps({"sweep": "written", "path": str(path)}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-shrink", action="store_true",
                     help="tune the fused path's shrink shape per config entry")  # fmt: skip
+    ap.add_argument(
+        "--sweep-loop",
+        action="store_true",
+        help="per fused entry, the adapter counts whose shrink rides the main loop",
+    )
     ap.add_argument("--write", action="store_true", help="with a sweep: update the config")
     ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     ap.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64])
@@ -308,6 +364,9 @@ def main() -> None:
         _lookup.cache_clear()
     if args.sweep_shrink:
         sweep_shrink(args.rep, args.write)
+        return
+    if args.sweep_loop:
+        sweep_loop(args.rep, args.write)
         return
     if args.sweep:
         sweep(args.tokens if args.tokens != TOKENS else SWEEP_TOKENS, args.rep, args.write)

@@ -47,7 +47,6 @@ from kernels._common import (
     check_meta,
     check_operands,
     dot_precision,
-    fit_stages,
     launch_options,
     max_shared_memory,
     next_pow2,
@@ -380,8 +379,10 @@ def _shrink_in_loop(cfg: dict, meta: LoraBatchMeta, rp: int) -> tuple[bool, int]
     The main loop can carry the shrink of LOOP_COLS / RP adapters (config key LOOP_COLS,
     columns of h: adapters times their padded rank; fewer if the step uses fewer) at the cost of one more A tile and one
     more dot per step; more than that and every program's redundant A reads outgrow the
-    separate shrink. So it is taken when the step uses at most that many adapters, or
-    forced by the config key IN_LOOP (0/1) or LORASERVE_KERNELS_FUSED_IN_LOOP (A/B runs).
+    separate shrink. So it is taken when the step uses at most that many adapters and, where
+    the config entry has LOOP_USED (``fused_linear_bench.py --sweep-loop``), one of the counts
+    listed there; or forced by the config key IN_LOOP (0/1) or
+    LORASERVE_KERNELS_FUSED_IN_LOOP (A/B runs).
     A step with more adapters than the loop carries is still right: the rest are shrunk
     after the main loop (slowly), so a captured graph may replay any step."""
     most = max(1, cfg.get("LOOP_COLS", _LOOP_COLS) // rp)
@@ -391,7 +392,21 @@ def _shrink_in_loop(cfg: dict, meta: LoraBatchMeta, rp: int) -> tuple[bool, int]
     forced = os.environ.get("LORASERVE_KERNELS_FUSED_IN_LOOP", cfg.get("IN_LOOP"))
     if forced is not None and str(forced) != "":
         return bool(int(forced)), loop_slots
+    if "LOOP_USED" in cfg:  # the counts for which it measured faster on this GPU and shape
+        return meta.num_used in cfg["LOOP_USED"] and meta.num_used <= most, loop_slots
     return meta.num_used <= most, loop_slots
+
+
+def _loop_stages(num_stages: int, gemm_stage: int, a_stage: int, limit: int) -> int:
+    """Pipeline stages for the GEMM with the shrink in its loop, whose A tile rides along x's
+    and W's in shared memory: as many as fit ``limit`` bytes. This loop keeps a copy per
+    stage (compiled for sm_90: 4 stages of 48 KB take 192 KB). Dropping more stages, so that
+    an SM keeps as many programs as of the GEMM alone, was slower: 1.41x cuBLAS's projection
+    instead of 0.98x at o with 16 tokens and 2 adapters (docs/benchmarks.md)."""
+    stages = num_stages
+    while stages > 1 and stages * (gemm_stage + a_stage) > limit:
+        stages -= 1
+    return stages
 
 
 def _check_a(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], in_features: int):
@@ -539,11 +554,10 @@ def fused_linear_lora(
         stride_ar, h_strides, num_splits = lora_a[0].stride(1), (0,) * 3, 1
         lora_args = (y, *a, *b, ranks, scales, meta.token_slots, meta.token_weights,
                      meta.slot_list)  # fmt: skip
-        # The A tile rides along x's and W's in the pipeline's shared memory. This loop keeps
-        # a copy per stage (compiled for sm_90: 4 stages of 48 KB take 192 KB), one more than
-        # fit_stages counts, hence the limit less one stage.
-        stage_bytes = (block_m + block_n + loop_slots * rp) * block_k * x.element_size()
-        num_stages = fit_stages(num_stages, stage_bytes, _max_shared(x.device) - stage_bytes)
+        num_stages = _loop_stages(
+            num_stages, (block_m + block_n) * block_k * x.element_size(),
+            loop_slots * rp * block_k * x.element_size(), _max_shared(x.device),
+        )  # fmt: skip
     elif lora:
         if shrink_config is None:
             shrink_config = fused_shrink_config(cfg, t, in_features, x.device)

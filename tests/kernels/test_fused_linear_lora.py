@@ -159,5 +159,8 @@ def test_the_shrink_rides_the_main_loop_for_steps_of_few_adapters(device, monkey
     assert _shrink_in_loop({}, meta_of(2), 64) == (False, 1)
     assert _shrink_in_loop({"LOOP_COLS": 64}, meta_of(4), 16) == (True, 4)
     assert _shrink_in_loop({"IN_LOOP": 0}, meta_of(2), 16) == (False, 2)
+    assert _shrink_in_loop({"LOOP_USED": [2]}, meta_of(1), 16) == (False, 1)
+    assert _shrink_in_loop({"LOOP_USED": [2]}, meta_of(2), 16) == (True, 2)
+    assert _shrink_in_loop({"LOOP_USED": [1, 2, 3]}, meta_of(3), 16) == (False, 2)
     monkeypatch.setenv("LORASERVE_KERNELS_FUSED_IN_LOOP", "1")
     assert _shrink_in_loop({}, meta_of(8), 16) == (True, 2)
