@@ -13,6 +13,16 @@ end. h is the shrink's output (:func:`kernels.lora_shrink`, with few K splits, s
 the kernel is a programmatic dependent of the shrink, so its main loop streams W while the
 shrink runs and it waits for h only before the epilogue.
 
+With one or two adapters in the step there is no shrink kernel: the main loop multiplies each
+x tile it has loaded by the adapters' A rows of the same columns as well (one more tile and one
+more dot a step), so every program computes h = x A^T for its tokens against each of the
+step's adapters, and the epilogue weights its columns per token (the mixture weight for that
+adapter, 0 if the token does not use it, times its scale). Each program reads the adapters' A
+again from the L2, so this pays only for few adapters; which counts it takes is measured per
+GPU and shape (config key LOOP_USED, ``bench/fused_linear_bench.py --sweep-loop``). Adapters
+past what the loop carries are shrunk after it, x read again, so the result is right for any
+step (a captured graph replays later steps with the plan of the first).
+
 Numerics follow the unfused path: the base tile is rounded to y's dtype; ``h * w * scale`` is
 rounded to the weights' dtype (as PEFT rounds lora_A's output), the delta accumulated in fp32
 and rounded once; the two rounded values are added and rounded.
@@ -20,11 +30,12 @@ and rounded once; the two rounded values are added and rounded.
 Slices (fused qkv, gate/up) are a grid axis, as in the expand: slice s owns columns
 [off_s, off_s + out_s) of y and the same rows of W.
 
-Measured on the H100 (docs/benchmarks.md, seventeenth pass): with one or two adapters at 1-16
-tokens the pair costs 0.98-1.09x cuBLAS's projection alone, on gate/up with 8 at 16-64 tokens
-1.05-1.08x (K=2 at 64 tokens: 1.14); with many adapters the epilogue's walk over them, after
-the main loop, costs more than the unfused kernels running beside the GEMM, and whole 7B
-decode steps at 8-64 tokens stay faster with the delta beside the GEMM. The engine uses it
+Measured on the H100 (docs/benchmarks.md, seventeenth and twenty-first passes): with one or two
+adapters at 1-16 tokens the pair costs 0.96-1.08x cuBLAS's projection alone, with one at 64
+tokens 1.01-1.08x except o (1.23), on gate/up with 8 at 16-64 tokens 1.03-1.17x; with many
+adapters the epilogue's walk over them, after the main loop, costs more than the unfused
+kernels running beside the GEMM, and whole 7B decode steps at 8-64 tokens stay faster with the
+delta beside the GEMM. The engine uses it
 where the GPU's config says it wins (``fused_max_tokens``). Without a delta it is a skinny
 GEMM that beat cuBLAS in whole 7B decode steps at 1-64 tokens on the H100 (ninth pass): the
 engine's base projections use it there, and steps with adapters run it beside the delta's
@@ -478,10 +489,12 @@ def fused_linear_lora(
                         * (x[t] @ A[s][slot, :r].T) @ B[s][slot, :, :r].T)
         return y + delta                        (delta rounded to x's dtype, then the sum)
 
-    Two launches with LoRA (the shrink, then this kernel as its programmatic dependent), one
-    without (``meta`` None or no active token: a plain skinny GEMM); no host synchronisation,
-    nothing allocated but y and the shrink's small fp32 output, so the call can be captured
-    in a CUDA graph. Meant for decode sizes: W is streamed once per BLOCK_M tokens.
+    Two launches with LoRA (the shrink, then this kernel as its programmatic dependent) or,
+    for the adapter counts whose shrink rides the GEMM's main loop (:func:`_shrink_in_loop`),
+    one; one without (``meta`` None or no active token: a plain skinny GEMM). No host
+    synchronisation, nothing allocated but y and the shrink's small fp32 output, so the call
+    can be captured in a CUDA graph. Meant for decode sizes: W is streamed once per BLOCK_M
+    tokens.
 
     Args:
         x: [T, in], fp32/fp16/bf16, rows contiguous.
@@ -490,8 +503,9 @@ def fused_linear_lora(
             or all None for the base GEMM alone.
         meta: the step's :class:`LoraBatchMeta`, or None.
         config: launch parameters overriding the tuned ones (BLOCK_M, BLOCK_N, BLOCK_K,
-            num_warps, num_stages, SLOTS_PER_STEP, and the shrink's SHRINK_SPLIT_K,
-            SHRINK_BLOCK_K, SHRINK_STAGES, SHRINK_WARPS).
+            num_warps, num_stages, SLOTS_PER_STEP, the shrink's SHRINK_SPLIT_K,
+            SHRINK_BLOCK_K, SHRINK_STAGES, SHRINK_WARPS, and its placement: IN_LOOP,
+            LOOP_COLS, LOOP_USED).
         shrink_config: the shrink's (default: :func:`fused_shrink_config`).
     """
     if x.dim() != 2 or x.stride(1) != 1 or weight.dim() != 2 or weight.stride(1) != 1:
