@@ -388,9 +388,9 @@ def _shrink_in_loop(cfg: dict, meta: LoraBatchMeta, rp: int) -> tuple[bool, int]
     """Whether the shrink rides along the GEMM's main loop, and for how many adapters.
 
     The main loop can carry the shrink of LOOP_COLS / RP adapters (config key LOOP_COLS,
-    columns of h: adapters times their padded rank; fewer if the step uses fewer) at the cost of one more A tile and one
-    more dot per step; more than that and every program's redundant A reads outgrow the
-    separate shrink. So it is taken when the step uses at most that many adapters and, where
+    columns of h: adapters times their padded rank; fewer if the step uses fewer) at the
+    cost of one more A tile and one more dot per step; more than that and every program's
+    redundant A reads outgrow the separate shrink. So it is taken when the step uses at most that many adapters and, where
     the config entry has LOOP_USED (``fused_linear_bench.py --sweep-loop``), one of the counts
     listed there; or forced by the config key IN_LOOP (0/1) or
     LORASERVE_KERNELS_FUSED_IN_LOOP (A/B runs).
@@ -420,8 +420,12 @@ def _loop_stages(num_stages: int, gemm_stage: int, a_stage: int, limit: int) -> 
     return stages
 
 
-def _check_a(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], in_features: int):
-    slots, r_max = lora_b[0].shape[0], lora_b[0].shape[2]
+def _check_a(
+    x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], ranks
+) -> None:
+    """The A slices the main loop reads (the shrink kernel checks its own)."""
+    check_operands(x, lora_a, ranks, "fused_linear_lora")
+    slots, r_max, in_features = lora_b[0].shape[0], lora_b[0].shape[2], x.shape[1]
     for aa in lora_a:
         if aa.dim() != 3 or tuple(aa.shape) != (slots, r_max, in_features) or aa.stride(2) != 1:
             raise ValueError(
@@ -562,7 +566,7 @@ def fused_linear_lora(
         sbs = pad3([bb.stride(0) for bb in lora_b], 0)
         stride_bn, max_k = lora_b[0].stride(1), meta.max_k
     if in_loop:
-        _check_a(lora_a, lora_b, in_features)
+        _check_a(x, lora_a, lora_b, ranks)
         a = pad3(lora_a, lora_a[0])
         sas = pad3([aa.stride(0) for aa in lora_a], 0)
         stride_ar, h_strides, num_splits = lora_a[0].stride(1), (0,) * 3, 1

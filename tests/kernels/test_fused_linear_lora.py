@@ -99,7 +99,7 @@ def test_fused_without_adapters_is_the_projection(device) -> None:
     assert empty.shape == (0, 56)
 
 
-def test_fused_rejects_bad_operands(device) -> None:
+def test_fused_rejects_bad_operands(device, monkeypatch) -> None:
     x = torch.zeros(4, 32, device=device)
     with pytest.raises(ValueError, match="does not match"):
         fused_linear_lora(x, torch.zeros(8, 16, device=device), None, None, None, None, None, None)
@@ -109,6 +109,14 @@ def test_fused_rejects_bad_operands(device) -> None:
     other_rank = [b.lora_b[0], torch.zeros(3, 8, 16, device=device)]
     with pytest.raises(ValueError, match="B slices must share"):
         fused_linear_lora(x, w, None, b.lora_a, other_rank, b.ranks, b.scales, meta)
+    for forced in ("1", "0"):  # A of the wrong width, read by the main loop or the shrink
+        monkeypatch.setenv("LORASERVE_KERNELS_FUSED_IN_LOOP", forced)
+        narrow = [a[..., :16].contiguous() for a in b.lora_a]
+        with pytest.raises(ValueError):
+            fused_linear_lora(x, w, None, narrow, b.lora_b, b.ranks, b.scales, meta)
+        half = [a.half() for a in b.lora_a]
+        with pytest.raises(ValueError, match="every weight must be"):
+            fused_linear_lora(x, w, None, half, b.lora_b, b.ranks, b.scales, meta)
     with pytest.raises(ValueError, match="rows; meta has"):
         fused_linear_lora(x[:3], w, None, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
     with pytest.raises(ValueError, match="bias"):
