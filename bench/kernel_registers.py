@@ -3,6 +3,7 @@ compiled on any host, no GPU needed.
 
     python bench/kernel_registers.py [--gpu NVIDIA_H100_80GB_HBM3] [--arch 90]
         [--cases OUT:T:D:K ...] [--mode plan|column]
+        [--fused IN:OUTxSLICES:T:D:K ...]
 
 For each case (bf16, in=4096, rank 16, 64 slots; the problems of bench/kernels_bench.py) it
 runs ``add_lora``'s real launch path on CPU tensors with the kernel launcher swapped for a
@@ -10,7 +11,9 @@ recorder, under that GPU's tuned configs (``kernels/configs/<gpu>.json``) and wi
 programmatic dependent launch on (as on Hopper). Each recorded launch is then bound and
 specialised by Triton's own binder (16-byte alignment of each pointer, ints that are 1 or
 multiples of 16: what a launch on the GPU compiles), compiled for ``sm_<arch>`` and read
-with ``cuobjdump -res-usage``. One JSON line per launch.
+with ``cuobjdump -res-usage``. One JSON line per launch. ``--fused`` does the same for
+``fused_linear_lora`` (e.g. ``4096:4096x3:1:1:1``, qkv at one token with one adapter), with
+the shrink in the GEMM's main loop and apart (the line's ``placement``).
 
 Why: register counts taken from compiles without the alignment specialisation were wrong by
 up to 3x (docs/benchmarks.md, fifteenth pass), and they decide how many programs an SM holds.
@@ -38,12 +41,21 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels.config as kernel_configs  # noqa: E402
-from kernels import add_lora, build_lora_meta, lora_expand_op, lora_shrink_op  # noqa: E402
+from kernels import (  # noqa: E402
+    add_lora,
+    build_lora_meta,
+    fused_linear_lora_op,
+    lora_expand_op,
+    lora_shrink_op,
+)
 from kernels._bench import make_problem  # noqa: E402
 from kernels._launch import Launcher  # noqa: E402
 
 CASES = ["4096:1:1:1", "4096:64:64:1", "11008:256:8:2", "4096:4096:8:2"]
-SHOWN = ("TILE_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_SPLITS", "SPLIT_GROUP", "N_SLICES")
+SHOWN = ("TILE_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_SPLITS", "SPLIT_GROUP", "N_SLICES",
+         "LOOP_SLOTS")  # fmt: skip
+# Shared memory a program may use, by compute capability (the fused GEMM fits its stages to it)
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 _USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
@@ -53,15 +65,39 @@ def record_launches(case: str, mode: str | None) -> list[tuple]:
     p = make_problem(t, 4096, out_f, adapters=d, k=k, seed=t + d + k, device="cpu")
     kw = {"mode": mode} if mode and k > 1 else {}
     meta = build_lora_meta(p.slots, p.weights, 64, torch.device("cpu"), **kw)
+    return _recorded(lambda: add_lora(p.y, p.x, [p.a], [p.b], p.ranks, p.scales, meta))
+
+
+def _recorded(call) -> list[tuple]:
+    """(kernel, grid, args, constexprs, options) of every launch ``call()`` makes."""
     launches: list[tuple] = []
     recorder = lambda self, grid, args, cx, opts: launches.append((self.fn, grid, args, cx, opts))  # noqa: E731
     saved = Launcher.__call__
     Launcher.__call__ = recorder
     try:
-        add_lora(p.y, p.x, [p.a], [p.b], p.ranks, p.scales, meta)
+        call()
     finally:
         Launcher.__call__ = saved
     return launches
+
+
+def record_fused_launches(case: str, in_loop: bool) -> list[tuple]:
+    """The launches of fused_linear_lora for IN:OUTxSLICES:T:D:K, the shrink in the GEMM's
+    main loop or apart (bf16, rank 16, the problems of bench/fused_linear_bench.py)."""
+    in_f, outs, t, d, k = case.split(":")
+    out_f, _, slices = outs.partition("x")
+    in_f, out_f, t, d, k = int(in_f), int(out_f), int(t), int(d), int(k)
+    ps = [make_problem(t, in_f, out_f, adapters=d, k=k, seed=1, device="cpu")
+          for _ in range(int(slices or 1))]  # fmt: skip
+    p = ps[0]
+    w = torch.zeros(out_f * len(ps), in_f, dtype=p.x.dtype)
+    meta = build_lora_meta(p.slots, p.weights, p.a.shape[0], torch.device("cpu"))
+    ranks = torch.cat([q.ranks for q in ps])
+    scales = torch.cat([q.scales for q in ps])
+    args = (p.x, w, None, [q.a for q in ps], [q.b for q in ps], ranks, scales, meta)
+    config = {**kernel_configs.kernel_config("fused", t, w.shape[0], "cpu", in_f),
+              "IN_LOOP": int(in_loop)}  # fmt: skip
+    return _recorded(lambda: fused_linear_lora_op.fused_linear_lora(*args, config=config))
 
 
 def compile_usage(fn, args: tuple, constexprs: dict, options: dict, target: GPUTarget) -> dict:
@@ -97,17 +133,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", default="NVIDIA_H100_80GB_HBM3", help="config stem in kernels/configs")
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
-    ap.add_argument("--cases", nargs="+", default=CASES, help="OUT:T:D:K")
+    ap.add_argument("--cases", nargs="*", default=CASES, help="OUT:T:D:K (none: only --fused)")
     ap.add_argument("--mode", choices=["plan", "column"], help="metadata mode for K > 1")
+    ap.add_argument("--fused", nargs="*", default=[], help="IN:OUTxSLICES:T:D:K")
     args = ap.parse_args()
     # The GPU's tuned configs and Hopper's programmatic dependent launch, on a CPU host.
     kernel_configs.gpu_config_name = lambda device=None: args.gpu
     lora_shrink_op.pdl_supported = lora_expand_op.pdl_supported = lambda device: args.arch >= 90
+    fused_linear_lora_op.pdl_supported = lambda device: args.arch >= 90
+    fused_linear_lora_op._max_shared = lambda device: MAX_SHARED.get(args.arch, 101376)
     target = GPUTarget("cuda", args.arch, 32)
-    for case in args.cases:
-        for fn, grid, launch_args, cx, opts in record_launches(case, args.mode):
+    runs = [(case, {}, record_launches(case, args.mode)) for case in args.cases]
+    runs += [
+        (case, {"placement": "loop" if in_loop else "apart"}, record_fused_launches(case, in_loop))
+        for case in args.fused
+        for in_loop in (True, False)
+    ]
+    for case, extra, launches in runs:
+        for fn, grid, launch_args, cx, opts in launches:
             line = {
                 "case": case,
+                **extra,
                 "kernel": fn.__name__,
                 "grid": list(grid),
                 "num_warps": opts["num_warps"],

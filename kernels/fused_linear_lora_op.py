@@ -89,6 +89,12 @@ _SLOTS_PER_STEP = 4
 # Columns of h (adapters times padded rank) that the GEMM's main loop computes itself, with no
 # shrink kernel (config key LOOP_COLS; see _shrink_in_loop): two rank-16 adapters.
 _LOOP_COLS = 32
+# Columns of x per step when adapters past what the loop carries are shrunk after it. Its
+# loads are not pipelined and go through registers: at the main loop's BLOCK_K they set the
+# kernel's register count (compiled for sm_90: qkv, 1 token, one adapter 146 registers, 96
+# with 32 columns, as many as the GEMM alone), though they run only when a step has more
+# adapters than the host planned for.
+_LATE_BLOCK_K = 32
 _UNSPECIALIZED = ("num_tokens", "stride_hsp", "stride_hs")
 
 
@@ -236,6 +242,8 @@ def _fused_linear_lora_kernel(
     SLOTS_PER_STEP: tl.constexpr,
     IN_LOOP: tl.constexpr,
     LOOP_SLOTS: tl.constexpr,
+    LATE_BLOCK_K: tl.constexpr,
+    LATE_EVEN_K: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -307,10 +315,10 @@ def _fused_linear_lora_kernel(
                     n_used, LOOP_SLOTS, RP, R_MAX,
                 )  # fmt: skip
                 h = tl.zeros([BLOCK_M, LOOP_SLOTS * RP], dtype=tl.float32)
-                for k0 in range(0, in_features, BLOCK_K):
-                    k = k0 + offs_k
-                    xt = _x_tile(x_rows, m_ok, k, in_features, EVEN_K, UPCAST)
-                    h += _x_times_a(xt, a_rows, q_live, k, in_features, EVEN_K, UPCAST,
+                for k0 in range(0, in_features, LATE_BLOCK_K):
+                    k = k0 + tl.arange(0, LATE_BLOCK_K)
+                    xt = _x_tile(x_rows, m_ok, k, in_features, LATE_EVEN_K, UPCAST)
+                    h += _x_times_a(xt, a_rows, q_live, k, in_features, LATE_EVEN_K, UPCAST,
                                     DOT_PRECISION)  # fmt: skip
                 delta += _group_delta(
                     h, slot_q, q_live, b_ptr, stride_bs, stride_bn, offs_n, n_ok, offs_m, m_ok,
@@ -607,6 +615,8 @@ def fused_linear_lora(
         SLOTS_PER_STEP=max(1, cfg.get("SLOTS_PER_STEP", _SLOTS_PER_STEP) // next_pow2(max_k)),
         IN_LOOP=in_loop,
         LOOP_SLOTS=loop_slots,
+        LATE_BLOCK_K=_LATE_BLOCK_K,
+        LATE_EVEN_K=in_features % _LATE_BLOCK_K == 0,
         NUM_SPLITS=num_splits,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
