@@ -133,7 +133,8 @@ def _group_operands(slot_list_ptr, ranks_ptr, a_ptr, stride_as, stride_ar, i0, n
 
 @triton.jit
 def _x_tile(x_rows, m_ok, k, in_features, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
-    """x's rows of the tile, columns k (zero past in_features)."""
+    """Rows of x (or of W) of the tile, columns k; zero in rows not ``m_ok`` and past
+    in_features."""
     if EVEN_K:
         xt = tl.load(x_rows + k[None, :], mask=m_ok[:, None], other=0.0)
     else:
@@ -273,7 +274,7 @@ def _fused_linear_lora_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_LORA and IN_LOOP:
             # The shrink of the step's first LOOP_SLOTS adapters rides along the main loop: the
-            # x tile is already in registers, so h costs only the A tile's load and one dot.
+            # x tile is loaded already, so h costs only the A tile's load and one dot.
             a_ptr, stride_as = _slice_of_a(s, a0_ptr, a1_ptr, a2_ptr, sas0, sas1, sas2, N_SLICES)
             n_used = tl.load(slot_list_ptr)
             slot_q, q_live, a_rows = _group_operands(
@@ -283,16 +284,8 @@ def _fused_linear_lora_kernel(
             h = tl.zeros([BLOCK_M, LOOP_SLOTS * RP], dtype=tl.float32)
         for k0 in range(0, in_features, BLOCK_K):
             k = k0 + offs_k
-            if EVEN_K:
-                xt = tl.load(x_rows + k[None, :], mask=m_ok[:, None], other=0.0)
-                wt = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
-            else:
-                k_ok = k < in_features
-                xt = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                wt = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:  # the interpreter mishandles bf16 arithmetic
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
+            xt = _x_tile(x_rows, m_ok, k, in_features, EVEN_K, UPCAST)
+            wt = _x_tile(w_rows, n_ok, k, in_features, EVEN_K, UPCAST)  # W's rows, as x's
             acc += tl.dot(xt, tl.trans(wt), input_precision=DOT_PRECISION)
             if HAS_LORA and IN_LOOP:
                 h += _x_times_a(xt, a_rows, q_live, k, in_features, EVEN_K, UPCAST, DOT_PRECISION)
