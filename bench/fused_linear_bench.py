@@ -285,13 +285,6 @@ def sweep_shrink(rep: int, write: bool) -> None:
         print(json.dumps({"sweep": "written", "path": str(path), "entries": len(plan)}))
 
 
-def _placement_ms(ops: tuple, cfg: dict, in_loop: bool, rep: int) -> float:
-    x, w, (la, lb), ranks, scales, meta, _ = ops
-    cfg = {**cfg, "IN_LOOP": int(in_loop)}
-    return graph_ms(lambda: fused_linear_lora(x, w, None, la, lb, ranks, scales, meta,
-                                              config=cfg), rep=rep, warmup=5)  # fmt: skip
-
-
 def sweep_loop(rep: int, write: bool, rounds: int = 2) -> None:
     """Per fused entry of the GPU's config file, and per count of distinct adapters the GEMM's
     main loop can carry (1 and 2, rank 16), time the pair with the shrink in the loop and
@@ -321,7 +314,7 @@ def sweep_loop(rep: int, write: bool, rounds: int = 2) -> None:
             for _ in range(rounds):
                 for ops in cases:
                     for in_loop in (True, False):
-                        sums[in_loop] += _placement_ms(ops, base, in_loop, rep)
+                        sums[in_loop] += _timed(ops, {**base, "IN_LOOP": int(in_loop)}, True, rep)
             if sums[True] < 0.99 * sums[False]:
                 used_ok.append(used)
             print(json.dumps({"sweep": "loop", "proj": name, "max_tokens": entry["max_tokens"],
