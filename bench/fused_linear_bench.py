@@ -115,34 +115,31 @@ def run_case(name: str, tokens: int, adapters: int, k: int, rep: int,
     out["unfused_ms"] = graph_ms(unfused, rep=rep)
     out["beside_ms"] = graph_ms(beside, rep=rep)
     out["cublas_add_ms"] = graph_ms(lambda: F.linear(x, w) + resid, rep=rep)
-    out["fused_ms"] = graph_ms(
-        lambda: fused_linear_lora(x, w, None, la, lb, ranks, scales, meta), rep=rep
-    )
+
+    def fused():
+        return fused_linear_lora(x, w, None, la, lb, ranks, scales, meta)
+
+    def fused_ms_with(switch: str, value: str) -> float:
+        """The pair timed with one of its environment switches forced."""
+        os.environ[switch] = value
+        try:
+            return graph_ms(fused, rep=rep)
+        finally:
+            del os.environ[switch]
+
+    out["fused_ms"] = graph_ms(fused, rep=rep)
     # diagnostics: the fused path's shrink alone, and the pair without programmatic launch
     cfg = kernel_config("fused", tokens, w.shape[0], x.device, x.shape[1])
     shrink_cfg = fused_shrink_config(cfg, tokens, x.shape[1], x.device)
     out["shrink_ms"] = graph_ms(lambda: lora_shrink(x, la, ranks, meta, config=shrink_cfg), rep=rep)
-    os.environ["LORASERVE_KERNELS_PDL"] = "0"
-    try:
-        out["fused_nopdl_ms"] = graph_ms(
-            lambda: fused_linear_lora(x, w, None, la, lb, ranks, scales, meta), rep=rep
-        )
-    finally:
-        del os.environ["LORASERVE_KERNELS_PDL"]
+    out["fused_nopdl_ms"] = fused_ms_with("LORASERVE_KERNELS_PDL", "0")
     if placements:  # the fused pair with the shrink forced into the main loop, and apart
-        for key, forced in (("fused_in_loop_ms", "1"), ("fused_apart_ms", "0")):
-            if forced == "1" and d > MAX_IN_LOOP_ADAPTERS:
-                continue  # the loop's fallback shrinks a group at a time: slow by design
-            os.environ["LORASERVE_KERNELS_FUSED_IN_LOOP"] = forced
-            try:
-                out[key] = graph_ms(
-                    lambda: fused_linear_lora(x, w, None, la, lb, ranks, scales, meta), rep=rep
-                )
-            finally:
-                del os.environ["LORASERVE_KERNELS_FUSED_IN_LOOP"]
+        if d <= MAX_IN_LOOP_ADAPTERS:  # past that, the loop's late shrink: slow by design
+            out["fused_in_loop_ms"] = fused_ms_with("LORASERVE_KERNELS_FUSED_IN_LOOP", "1")
+        out["fused_apart_ms"] = fused_ms_with("LORASERVE_KERNELS_FUSED_IN_LOOP", "0")
     want = F.linear(x, w)
     add_lora(want, x, la, lb, ranks, scales, meta)
-    got = fused_linear_lora(x, w, None, la, lb, ranks, scales, meta)
+    got = fused()
     out["max_abs_diff_vs_unfused"] = float((got.float() - want.float()).abs().max())
     base = out["cublas_ms"]
     out["ratio_fused"] = out["fused_ms"] / base
