@@ -172,3 +172,42 @@ def test_the_shrink_rides_the_main_loop_for_steps_of_few_adapters(device, monkey
     assert _shrink_in_loop({"LOOP_USED": [1, 2, 3]}, meta_of(3), 16) == (False, 2)
     monkeypatch.setenv("LORASERVE_KERNELS_FUSED_IN_LOOP", "1")
     assert _shrink_in_loop({}, meta_of(8), 16) == (True, 2)
+
+
+def _meta_over(adapters: int, tokens: int, num_slots: int, device):
+    """One adapter a token, round-robin over the first ``adapters`` slots; the metadata's
+    layout padded to a tile a token, so that every count fits one captured graph."""
+    slots = (torch.arange(tokens, dtype=torch.int32) % adapters)[:, None]
+    weights = torch.rand(tokens, 1, generator=torch.Generator().manual_seed(adapters)) + 0.1
+    return build_lora_meta(slots, weights, num_slots, device, pad_tiles_to=tokens)
+
+
+@pytest.mark.gpu
+def test_fused_graphs_replay_steps_of_more_adapters_than_captured(placement) -> None:
+    """A graph captured on a step of two adapters (the main loop carries both) replays steps
+    of 1 to 16 adapters, the metadata copied into its buffers: past the two, the late shrink
+    after the loop covers the rest, so the host's plan at capture never makes a replay wrong."""
+    dev = torch.device("cuda")
+    b = make_batch(tokens=48, in_features=1024, outs=[512, 256], r_max=16, num_slots=16,
+                   dtype=torch.bfloat16, device=dev, seed=7)  # fmt: skip
+    weight, bias = linear_weights(768, 1024, torch.bfloat16, dev, 8)
+    meta = _meta_over(2, 48, 16, dev)
+
+    def step():
+        return fused_linear_lora(b.x, weight, bias, b.lora_a, b.lora_b, b.ranks, b.scales, meta)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    atol, rtol = DTYPES[torch.bfloat16]
+    for adapters in (16, 1, 7, 2, 16):
+        new = _meta_over(adapters, 48, 16, dev)
+        meta.int_buf.copy_(new.int_buf)
+        meta.float_buf.copy_(new.float_buf)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = F.linear(b.x, weight, bias)
+        add_lora_ref(want, b.x, b.lora_a, b.lora_b, b.ranks, b.scales, new)
+        assert_close(y, want, atol=atol, rtol=rtol, what=f"replay, {adapters} adapters")
