@@ -138,6 +138,24 @@ def tile_pads(batch: int) -> list[int]:
     return [p for p in (1, 4, 16, 64, 256) if p < batch] + [batch]
 
 
+def graph_capture_meta(
+    b: int, k: int, pad: int, num_slots: int, device: torch.device
+) -> LoraBatchMeta:
+    """The LoRA metadata a decode graph of ``b`` rows, ``k`` adapters a token and ``pad``
+    tiles is captured with: one active token (one tile, whatever the pad; replays copy their
+    own plans in), but planned for the most distinct adapters a replay can carry, k a tile
+    (plan mode). Host-side choices made at capture stay in the graph: the fused kernel picks
+    where its shrink runs from ``num_used``, and a graph captured for one adapter would
+    replay steps of many through its slow late shrink."""
+    slots = torch.full((b, k), -1, dtype=torch.int32)
+    slots[0, 0] = 0
+    meta = build_lora_meta(
+        slots, (slots >= 0).float(), num_slots, device, pad_tiles_to=pad, mode=GRAPH_META_MODE
+    )
+    meta.num_used = min(pad * k, num_slots)
+    return meta
+
+
 class _MetaStager:
     """Pinned host copies of a step's LoRA metadata, sent to a graph's buffers in two copies.
 
@@ -454,18 +472,7 @@ class ModelRunner:
         """Capture the decode step of ``b`` rows with LoRA metadata for ``k`` adapters a token
         over ``pad`` tiles (k = 0: no adapter), into memory pool ``pool`` (None: a new one).
         The graph reads the runner's static input buffers and its own metadata buffers."""
-        meta = None
-        if k:  # one active token: one tile, whatever the pad
-            slots = torch.full((b, k), -1, dtype=torch.int32)
-            slots[0, 0] = 0
-            meta = build_lora_meta(
-                slots,
-                (slots >= 0).float(),
-                self.model.num_slots,
-                self.device,
-                pad_tiles_to=pad,
-                mode=GRAPH_META_MODE,
-            )
+        meta = graph_capture_meta(b, k, pad, self.model.num_slots, self.device) if k else None
         ctx = self._graph_ctx(b, meta)
         with overlapped():  # compile the Triton kernels outside the capture
             for _ in range(2):

@@ -287,6 +287,32 @@ def test_decode_rows_lay_out_prompt_tokens_and_refuse_costly_steps():
     assert decode_rows([(long, n)], [[0]], [()], max_rows=n) is None
 
 
+def test_decode_graphs_are_captured_for_the_most_adapters_a_replay_carries():
+    """A decode graph is captured with one active token, but its metadata counts the most
+    distinct adapters a replay of it can carry (k a tile, plan mode), since host-side choices
+    made at capture, such as where the fused kernel's shrink runs, stay in the graph. Every
+    step routed to the graph (its tiles padded to the graph's) uses no more."""
+    import torch
+
+    from executor_svc.engine.model_runner import GRAPH_META_MODE, graph_capture_meta, tile_pads
+    from kernels import build_lora_meta
+
+    cpu, slots_total, checked = torch.device("cpu"), 24, 0
+    for b, k in ((1, 1), (8, 1), (8, 4), (64, 1), (64, 4)):
+        for pad in tile_pads(b):
+            captured = graph_capture_meta(b, k, pad, slots_total, cpu)
+            assert captured.num_active == 1 and captured.grid_tiles == pad
+            assert captured.num_used == min(pad * k, slots_total)
+            # a step of `pad` distinct plans of k distinct adapters each, as a replay sends it
+            plans = (torch.arange(b * k, dtype=torch.int32).view(b, k) % (pad * k)) % slots_total
+            step = build_lora_meta(plans, torch.ones(b, k), slots_total, cpu,
+                                   pad_tiles_to=tile_pads(b), mode=GRAPH_META_MODE)  # fmt: skip
+            if step.grid_tiles == pad:
+                assert step.num_used <= captured.num_used
+                checked += 1
+    assert checked >= 10
+
+
 async def test_kernel_warm_up_launches_every_attention_and_sampling_variant(tiny_model_dir):
     """The warm-up that CUDA engines run before serving (here interpreted): the decode kernel
     at split counts 1-16, the prefill kernel's two configs, the seeded sampler."""
