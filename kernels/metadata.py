@@ -96,7 +96,10 @@ class LoraBatchMeta:
     max_k: int  # K
     num_slots: int
     num_active: int  # tokens with at least one adapter
-    num_used: int  # distinct slots the step uses (slot_list[0], as a host value)
+    # distinct slots the step uses (slot_list[0], as a host value); a captured graph's meta
+    # may raise it to the most its replays carry, as host-side choices made at capture stay in
+    # the graph (executor_svc.engine.model_runner.graph_capture_meta)
+    num_used: int
     num_tiles: int  # real tiles
     grid_tiles: int  # G = sum(pass_tiles), tiles with padding
     block_m: int  # most rows per tile, the kernels' BLOCK_M
