@@ -186,8 +186,11 @@ def block_m_in(cfg: dict, num_tokens: int, adapters_per_tile: int = 1) -> int:
 
 
 def token_buckets(device: torch.device | str) -> list[int]:
-    """Token counts at which the launch parameters change (each a different compiled kernel)."""
+    """Token counts at which the launch parameters change (each a different compiled kernel):
+    the shrink's, the expand's and the fused GEMM's entries (whose BLOCK_M, where an entry
+    gives none, is the token count's power of two: the H100's entries end at 16, 32 and 64)
+    and the block_m tables."""
     cfg = load_config(gpu_config_name(device))
-    found = {e["max_tokens"] for op in ("shrink", "expand") for e in cfg[op]}
+    found = {e["max_tokens"] for op in ("shrink", "expand", "fused") for e in cfg.get(op, [])}
     tables = cfg["block_m"] + cfg.get("block_m_multi", [])
     return sorted(found | {int(t) for t, _ in tables})

@@ -47,6 +47,7 @@ from executor_svc.model.llama import CausalLM
 from kernels import LoraBatchMeta, build_lora_meta, overlapped
 from kernels._launch import compile_only
 from kernels.config import token_buckets
+from kernels.fused_linear_lora_op import fused_preferred
 from kernels.metadata import MAX_K
 
 log = logging.getLogger(__name__)
@@ -435,16 +436,27 @@ class ModelRunner:
                 for p in projections
             ]
             for k in range(1, min(MAX_K, self.model.num_slots) + 1):
-                slots = (torch.arange(t * k) % self.model.num_slots).view(t, k).int()
                 weights = torch.full((t, k), 1.0 / k)
-                for mode in ("plan", "column") if k > 1 else ("plan",):
-                    meta = build_lora_meta(
-                        slots, weights, self.model.num_slots, self.device, mode=mode
-                    )
-                    for proj, x in zip(projections, xs, strict=True):
-                        proj.forward_beside(x, meta)  # as DecoderLayer.forward calls them
-                        calls += 1
+                for used in self._warm_up_adapter_counts(xs[0], t, k):
+                    slots = (torch.arange(t * k) % used).view(t, k).int()
+                    for mode in ("plan", "column") if k > 1 else ("plan",):
+                        meta = build_lora_meta(
+                            slots, weights, self.model.num_slots, self.device, mode=mode
+                        )
+                        for proj, x in zip(projections, xs, strict=True):
+                            proj.forward_beside(x, meta)  # as DecoderLayer.forward calls them
+                            calls += 1
         return calls
+
+    def _warm_up_adapter_counts(self, x: torch.Tensor, t: int, k: int) -> list[int]:
+        """Distinct adapters the warm-up's steps of ``t`` tokens, ``k`` a token, use: as many
+        as there are slots; and where the fused kernel runs with adapters (only when forced,
+        LORASERVE_KERNELS_FUSED_MAX_TOKENS), also 1 and 2, whose shrink rides its main loop in
+        kernel variants of their own."""
+        counts = {min(t * k, self.model.num_slots)}
+        if fused_preferred(x, None, lora=True):
+            counts |= {c for c in (1, 2) if k <= c <= min(t * k, self.model.num_slots)}
+        return sorted(counts)
 
     # -- CUDA graphs for decode steps ----------------------------------------------------------
 

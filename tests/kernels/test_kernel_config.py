@@ -218,3 +218,15 @@ def test_the_tuner_replaces_one_kind_of_shrink_entry_and_keeps_the_other() -> No
     assert merged_shrink(entries, column=[new_column]) == [own, wide, new_column]
     assert merged_shrink(entries, wide=[], column=[]) == [own]
     assert merged_shrink(entries) == entries
+
+
+def test_token_buckets_include_the_fused_gemms_entries(monkeypatch) -> None:
+    """The engine's warm-up launches each bucket once before serving: the fused GEMM's
+    entries (whose BLOCK_M follows the token count's power of two) are buckets too, or steps
+    of 17-32 tokens compiled it while serving (docs/benchmarks.md, twenty-second pass)."""
+    import kernels.config as config_module
+
+    monkeypatch.setattr(config_module, "gpu_config_name", lambda device=None: H100)
+    fused = {e["max_tokens"] for e in load_config(H100)["fused"]}
+    assert fused == {16, 32, 64}
+    assert fused <= set(config_module.token_buckets("cuda"))
