@@ -450,9 +450,9 @@ class ModelRunner:
 
     def _warm_up_adapter_counts(self, x: torch.Tensor, t: int, k: int) -> list[int]:
         """Distinct adapters the warm-up's steps of ``t`` tokens, ``k`` a token, use: as many
-        as there are slots; and where the fused kernel runs with adapters (only when forced,
-        LORASERVE_KERNELS_FUSED_MAX_TOKENS), also 1 and 2, whose shrink rides its main loop in
-        kernel variants of their own."""
+        as the tokens and slots allow; and where the fused kernel runs with adapters (on the
+        H100 only when LORASERVE_KERNELS_FUSED_MAX_TOKENS forces it), also 1 and 2, whose
+        shrink rides its main loop in kernel variants of their own."""
         counts = {min(t * k, self.model.num_slots)}
         if fused_preferred(x, None, lora=True):
             counts |= {c for c in (1, 2) if k <= c <= min(t * k, self.model.num_slots)}
