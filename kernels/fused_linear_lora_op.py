@@ -391,10 +391,10 @@ def _shrink_in_loop(cfg: dict, meta: LoraBatchMeta, rp: int) -> tuple[bool, int]
     The main loop can carry the shrink of LOOP_COLS / RP adapters (config key LOOP_COLS,
     columns of h: adapters times their padded rank; fewer if the step uses fewer) at the
     cost of one more A tile and one more dot per step; more than that and every program's
-    redundant A reads outgrow the separate shrink. So it is taken when the step uses at most that many adapters and, where
-    the config entry has LOOP_USED (``fused_linear_bench.py --sweep-loop``), one of the counts
-    listed there; or forced by the config key IN_LOOP (0/1) or
-    LORASERVE_KERNELS_FUSED_IN_LOOP (A/B runs).
+    redundant A reads outgrow the separate shrink. So it is taken when the step uses at most
+    that many adapters and, where the config entry has LOOP_USED
+    (``fused_linear_bench.py --sweep-loop``), one of the counts listed there; or forced by
+    the config key IN_LOOP (0/1) or LORASERVE_KERNELS_FUSED_IN_LOOP (A/B runs).
     A step with more adapters than the loop carries is still right: the rest are shrunk
     after the main loop (slowly), so a captured graph may replay any step."""
     most = max(1, cfg.get("LOOP_COLS", _LOOP_COLS) // rp)
@@ -404,9 +404,9 @@ def _shrink_in_loop(cfg: dict, meta: LoraBatchMeta, rp: int) -> tuple[bool, int]
     forced = os.environ.get("LORASERVE_KERNELS_FUSED_IN_LOOP", cfg.get("IN_LOOP"))
     if forced is not None and str(forced) != "":
         return bool(int(forced)), loop_slots
-    if "LOOP_USED" in cfg:  # the counts for which it measured faster on this GPU and shape
-        return meta.num_used in cfg["LOOP_USED"] and meta.num_used <= most, loop_slots
-    return meta.num_used <= most, loop_slots
+    # LOOP_USED: the counts for which it measured faster on this GPU and shape
+    taken = meta.num_used <= most and meta.num_used in cfg.get("LOOP_USED", range(most + 1))
+    return taken, loop_slots
 
 
 def _loop_stages(num_stages: int, gemm_stage: int, a_stage: int, limit: int) -> int:

@@ -453,9 +453,10 @@ class ModelRunner:
         as the tokens and slots allow; and where the fused kernel runs with adapters (on the
         H100 only when LORASERVE_KERNELS_FUSED_MAX_TOKENS forces it), also 1 and 2, whose
         shrink rides its main loop in kernel variants of their own."""
-        counts = {min(t * k, self.model.num_slots)}
+        most = min(t * k, self.model.num_slots)
+        counts = {most}
         if fused_preferred(x, None, lora=True):
-            counts |= {c for c in (1, 2) if k <= c <= min(t * k, self.model.num_slots)}
+            counts |= {c for c in (1, 2) if k <= c <= most}
         return sorted(counts)
 
     # -- CUDA graphs for decode steps ----------------------------------------------------------
