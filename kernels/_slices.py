@@ -1,4 +1,5 @@
-"""Device-side helper shared by the kernels that write y's output slices (expand, fused GEMM)."""
+"""Device-side helpers shared by the kernels that work on several output slices (shrink, expand,
+fused GEMM): each picks its slice's operands from the three it is given."""
 
 from __future__ import annotations
 
@@ -21,3 +22,16 @@ def slice_of_b(
         if s == 2:
             b_ptr, out_s, col_off, stride_bs = b2_ptr, out2, off2, sbs2
     return b_ptr, out_s, col_off, stride_bs
+
+
+@triton.jit
+def slice_of_a(s, a0_ptr, a1_ptr, a2_ptr, sas0, sas1, sas2, N_SLICES: tl.constexpr):
+    """Slice s's A pointer and A's stride between slots (s < N_SLICES <= 3)."""
+    a_ptr, stride_as = a0_ptr, sas0
+    if N_SLICES > 1:  # noqa: SIM102 (constexpr test, then a runtime one)
+        if s == 1:
+            a_ptr, stride_as = a1_ptr, sas1
+    if N_SLICES > 2:  # noqa: SIM102
+        if s == 2:
+            a_ptr, stride_as = a2_ptr, sas2
+    return a_ptr, stride_as

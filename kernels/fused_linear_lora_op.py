@@ -65,7 +65,7 @@ from kernels._common import (
     pdl_supported,
 )
 from kernels._launch import Launcher
-from kernels._slices import slice_of_b
+from kernels._slices import slice_of_a, slice_of_b
 from kernels.config import fused_max_tokens, kernel_config
 from kernels.lora_shrink_op import lora_shrink
 from kernels.metadata import LoraBatchMeta
@@ -102,19 +102,6 @@ _UNSPECIALIZED = ("num_tokens", "stride_hsp", "stride_hs")
 def _offs_q(LOOP_SLOTS: tl.constexpr, RP: tl.constexpr):
     """Columns q = (adapter j of a group, rank row r), j-major."""
     return tl.arange(0, LOOP_SLOTS * RP)
-
-
-@triton.jit
-def _slice_of_a(s, a0_ptr, a1_ptr, a2_ptr, sas0, sas1, sas2, N_SLICES: tl.constexpr):
-    """Slice s's A pointer and A's stride between slots."""
-    a_ptr, stride_as = a0_ptr, sas0
-    if N_SLICES > 1:  # noqa: SIM102 (constexpr test, then a runtime one)
-        if s == 1:
-            a_ptr, stride_as = a1_ptr, sas1
-    if N_SLICES > 2:  # noqa: SIM102
-        if s == 2:
-            a_ptr, stride_as = a2_ptr, sas2
-    return a_ptr, stride_as
 
 
 @triton.jit
@@ -275,7 +262,7 @@ def _fused_linear_lora_kernel(
         if HAS_LORA and IN_LOOP:
             # The shrink of the step's first LOOP_SLOTS adapters rides along the main loop: the
             # x tile is loaded already, so h costs only the A tile's load and one dot.
-            a_ptr, stride_as = _slice_of_a(s, a0_ptr, a1_ptr, a2_ptr, sas0, sas1, sas2, N_SLICES)
+            a_ptr, stride_as = slice_of_a(s, a0_ptr, a1_ptr, a2_ptr, sas0, sas1, sas2, N_SLICES)
             n_used = tl.load(slot_list_ptr)
             slot_q, q_live, a_rows = _group_operands(
                 slot_list_ptr, ranks_ptr + s * num_slots, a_ptr, stride_as, stride_ar, 0,

@@ -43,6 +43,7 @@ from kernels._common import (
     slice_groups,
 )
 from kernels._launch import Launcher
+from kernels._slices import slice_of_a
 from kernels.config import kernel_config
 from kernels.metadata import LoraBatchMeta
 
@@ -89,13 +90,7 @@ def _lora_shrink_kernel(
     tile = tl.program_id(0)
     split = tl.program_id(1)
     s = tl.program_id(2)
-    a_ptr = a0_ptr
-    if N_SLICES > 1:  # noqa: SIM102 (constexpr test, then a runtime one)
-        if s == 1:
-            a_ptr = a1_ptr
-    if N_SLICES > 2:  # noqa: SIM102
-        if s == 2:
-            a_ptr = a2_ptr
+    a_ptr, _ = slice_of_a(s, a0_ptr, a1_ptr, a2_ptr, stride_as, stride_as, stride_as, N_SLICES)
 
     # The tile's plan, stacked as columns j -> (adapter kj, rank row r0 + rj).
     offs_j = tl.arange(0, KP * RANK_CHUNK)
