@@ -54,7 +54,8 @@ from kernels._launch import Launcher  # noqa: E402
 CASES = ["4096:1:1:1", "4096:64:64:1", "11008:256:8:2", "4096:4096:8:2"]
 SHOWN = ("TILE_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_SPLITS", "SPLIT_GROUP", "N_SLICES",
          "LOOP_SLOTS")  # fmt: skip
-# Shared memory a program may use, by compute capability (the fused GEMM fits its stages to it)
+# Shared memory a program may use, by compute capability (the shrink and the fused GEMM fit
+# their stages to it)
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 _USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
@@ -141,7 +142,9 @@ def main() -> None:
     kernel_configs.gpu_config_name = lambda device=None: args.gpu
     lora_shrink_op.pdl_supported = lora_expand_op.pdl_supported = lambda device: args.arch >= 90
     fused_linear_lora_op.pdl_supported = lambda device: args.arch >= 90
-    fused_linear_lora_op._max_shared = lambda device: MAX_SHARED.get(args.arch, 101376)
+    limit = MAX_SHARED.get(args.arch, 101376)
+    for module in (lora_shrink_op, fused_linear_lora_op):  # they fit their stages to it
+        module.shared_memory_limit = lambda device: limit
     target = GPUTarget("cuda", args.arch, 32)
     runs = [(case, {}, record_launches(case, args.mode)) for case in args.cases]
     runs += [

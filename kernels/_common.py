@@ -51,6 +51,15 @@ def max_shared_memory(index: int) -> int:
     return driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on ``device``: the GPU's, unbounded off it
+    (the interpreter keeps no shared memory), so that ``fit_stages`` cuts stages on the GPU
+    only."""
+    if device.type != "cuda" or INTERPRET:
+        return 1 << 30
+    return max_shared_memory(device.index or 0)
+
+
 def fit_stages(num_stages: int, stage_bytes: int, limit: int) -> int:
     """The most software-pipeline stages, at most ``num_stages``, whose buffers fit in
     ``limit`` bytes, at least 1: a loop of s stages keeps s - 1 copies of the tiles it loads

@@ -59,10 +59,10 @@ from kernels._common import (
     check_operands,
     dot_precision,
     launch_options,
-    max_shared_memory,
     next_pow2,
     pad3,
     pdl_supported,
+    shared_memory_limit,
 )
 from kernels._launch import Launcher
 from kernels._slices import slice_of_a, slice_of_b
@@ -424,10 +424,6 @@ def _check_a(
             raise ValueError("fused_linear_lora: A slices must share their row stride")
 
 
-def _max_shared(device: torch.device) -> int:
-    return max_shared_memory(device.index or 0) if device.type == "cuda" else 1 << 30
-
-
 def fused_shrink_config(cfg: dict, tokens: int, in_features: int, device) -> dict:
     """The shrink's launch parameters on the fused path: the fused config's SHRINK_* keys
     over the shrink's own tuned config for ``tokens`` (SHRINK_SPLIT_K defaulting to 4)."""
@@ -562,7 +558,7 @@ def fused_linear_lora(
                      meta.slot_list)  # fmt: skip
         num_stages = _loop_stages(
             num_stages, (block_m + block_n) * block_k * x.element_size(),
-            loop_slots * rp * block_k * x.element_size(), _max_shared(x.device),
+            loop_slots * rp * block_k * x.element_size(), shared_memory_limit(x.device),
         )  # fmt: skip
     elif lora:
         if shrink_config is None:

@@ -35,11 +35,11 @@ from kernels._common import (
     dot_precision,
     fit_stages,
     launch_options,
-    max_shared_memory,
     next_pow2,
     pad3,
     pdl_supported,
     rank_chunk,
+    shared_memory_limit,
     slice_groups,
 )
 from kernels._launch import Launcher
@@ -246,12 +246,11 @@ def _plan(x, lora_a, ranks, meta: LoraBatchMeta, config: dict | None, pdl: bool)
     if meta.num_active == 0 or meta.grid_tiles == 0:
         return h_shape, [], ints
     kp, chunk = rank_chunk(r_max, meta.tile_k)
-    if x.is_cuda and not INTERPRET:
-        # A config tuned on tiles of one adapter may not fit tiles of four (the fused path's
-        # 512-wide K blocks at 4 stages needed 240 KB with K=4 in a 7B engine step).
-        stage_bytes = (meta.block_m + kp * chunk) * block_k * x.element_size()
-        limit = max_shared_memory(x.device.index or 0)
-        cfg = {**cfg, "num_stages": fit_stages(cfg["num_stages"], stage_bytes, limit)}
+    # A config tuned on tiles of one adapter may not fit tiles of four (the fused path's
+    # 512-wide K blocks at 4 stages needed 240 KB with K=4 in a 7B engine step).
+    stage_bytes = (meta.block_m + kp * chunk) * block_k * x.element_size()
+    limit = shared_memory_limit(x.device)
+    cfg = {**cfg, "num_stages": fit_stages(cfg["num_stages"], stage_bytes, limit)}
     launches = []
     for g0, g1 in slice_groups(n_slices):
         constexprs = dict(
